@@ -1,0 +1,176 @@
+"""The layout of the shared volume (``LABQ_DATA_DIR``) and safe writes to it.
+
+::
+
+    <data>/labq.db                      SQLite database (default)
+    <data>/bundles/ab/<sha256>.zip      uploaded bundles, stored once by content hash
+    <data>/jobs/<id>/log.txt            the job's combined stdout+stderr (all attempts)
+    <data>/jobs/<id>/results.zip        zip of the job's output/
+    <data>/jobs/<id>/results/           the same files, unpacked
+    <data>/jobs/<id>/outcome.json       the worker's record of the outcome (written last)
+    <data>/jobs/<id>/attempts.log       one line per attempt a worker started
+    <data>/jobs/<id>/cancelled          marker: a user stopped the job before it ran
+    <data>/jobs/<id>/run.lock           held (flock) by the worker running the job
+    <data>/envs/<hash>/                 cached Python environments
+    <data>/tmp/                         uploads and results being written
+
+Everything that readers may see is written to a temporary name and renamed into
+place, so nobody ever reads half a file. The backend and the workers meet only here
+and on RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from shared.errors import NotFoundError
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_job_id(value: str) -> bool:
+    return bool(_JOB_ID.match(value or ""))
+
+
+class Storage:
+    def __init__(self, data_dir: Path | str) -> None:
+        self.root = Path(data_dir).resolve()
+        self.bundles = self.root / "bundles"
+        self.jobs = self.root / "jobs"
+        self.envs = self.root / "envs"
+        self.tmp = self.root / "tmp"
+
+    def ensure(self) -> Storage:
+        for folder in (self.root, self.bundles, self.jobs, self.envs, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- bundles --------------------------------------------------------------
+    def bundle_path(self, sha256: str) -> Path:
+        if not _SHA.match(sha256):
+            raise NotFoundError(f"no bundle {sha256!r}")
+        return self.bundles / sha256[:2] / f"{sha256}.zip"
+
+    @contextmanager
+    def temp_file(self, suffix: str = "") -> Iterator[tuple[Path, IO[bytes]]]:
+        """A temporary file on the data volume (so renaming it into place is atomic)."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=suffix)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield path, handle
+        finally:
+            path.unlink(missing_ok=True)
+
+    def store_bundle(self, staged: Path, sha256: str) -> Path:
+        """Move a staged upload to its content-addressed place (kept if already there)."""
+        final = self.bundle_path(sha256)
+        if final.exists():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)
+        return final
+
+    # -- per job --------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        if not is_job_id(job_id):
+            raise NotFoundError(f"there is no job {job_id!r}")
+        return self.jobs / job_id
+
+    def log_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "log.txt"
+
+    def results_zip(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "results.zip"
+
+    def results_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "results"
+
+    def outcome_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "outcome.json"
+
+    def lock_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "run.lock"
+
+    def cancel_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "cancelled"
+
+    def attempts_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "attempts.log"
+
+    # -- records --------------------------------------------------------------
+    def write_outcome(self, job_id: str, record: dict[str, Any]) -> None:
+        atomic_write(self.outcome_path(job_id), json.dumps(record, indent=2).encode())
+
+    def read_outcome(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.outcome_path(job_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a torn file cannot exist (atomic rename); treat junk as absent
+
+    def mark_cancelled(self, job_id: str) -> None:
+        atomic_write(self.cancel_path(job_id), f"{time.time()}\n".encode())
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self.cancel_path(job_id).exists()
+
+    def record_attempt(self, job_id: str, worker: str) -> int:
+        """Append one line for a new attempt and return the attempt number (1, 2, ...).
+
+        Only the worker holding the job's run lock calls this, so counting lines is safe.
+        """
+        path = self.attempts_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"worker": worker, "at": time.time()}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return self.attempts(job_id)
+
+    def attempts(self, job_id: str) -> int:
+        try:
+            with open(self.attempts_path(job_id), encoding="utf-8") as handle:
+                return sum(1 for line in handle if line.strip())
+        except FileNotFoundError:
+            return 0
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

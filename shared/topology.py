@@ -1,0 +1,110 @@
+"""RabbitMQ topology: names, declarations and connection parameters.
+
+All names derive from ``LABQ_PREFIX`` so test runs never see each other's messages::
+
+    <p>.jobs            direct exchange → durable queue <p>.jobs (claim-check job messages)
+    <p>.dead            fanout exchange → durable queue <p>.jobs.dead (dead letters)
+    <p>.events          topic exchange; routing keys <job id>.lifecycle / <job id>.status
+    <p>.events.backend  durable queue bound to *.lifecycle: the backend applies these
+    <p>.control         topic exchange; <job id>.control reaches the worker holding the job
+
+Job messages and lifecycle events are persistent; status events are transient (one a
+second, only useful live). Every declaration is idempotent, so each service declares
+what it uses at every (re)connect, in any start order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pika
+
+from shared.settings import Settings
+
+PERSISTENT = pika.DeliveryMode.Persistent
+TRANSIENT = pika.DeliveryMode.Transient
+JOB_ROUTING_KEY = "job"
+#: RabbitMQ >= 3.12 honours a per-queue consumer timeout; older nodes ignore the argument.
+#: labq does not rely on it (see consumer/ for the run lock that makes long jobs safe),
+#: it only spares a needless redelivery of jobs that run for days.
+CONSUMER_TIMEOUT_MS = 30 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str
+
+    @property
+    def jobs_exchange(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    @property
+    def jobs_queue(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.jobs.dead"
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def events_queue(self) -> str:
+        return f"{self.prefix}.events.backend"
+
+    @property
+    def control_exchange(self) -> str:
+        return f"{self.prefix}.control"
+
+    def declare_jobs(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        channel.exchange_declare(self.dead_exchange, "fanout", durable=True)
+        channel.queue_declare(self.dead_queue, durable=True)
+        channel.queue_bind(self.dead_queue, self.dead_exchange)
+        channel.exchange_declare(self.jobs_exchange, "direct", durable=True)
+        channel.queue_declare(
+            self.jobs_queue,
+            durable=True,
+            arguments={
+                "x-dead-letter-exchange": self.dead_exchange,
+                "x-consumer-timeout": CONSUMER_TIMEOUT_MS,
+            },
+        )
+        channel.queue_bind(self.jobs_queue, self.jobs_exchange, JOB_ROUTING_KEY)
+
+    def declare_events(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        channel.exchange_declare(self.events_exchange, "topic", durable=True)
+        channel.queue_declare(self.events_queue, durable=True)
+        channel.queue_bind(self.events_queue, self.events_exchange, "*.lifecycle")
+
+    def declare_control(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        channel.exchange_declare(self.control_exchange, "topic", durable=True)
+
+    def declare_all(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+        self.declare_jobs(channel)
+        self.declare_events(channel)
+        self.declare_control(channel)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Topology:
+        return cls(settings.prefix)
+
+
+def connection_parameters(settings: Settings, name: str) -> pika.URLParameters:
+    """Parameters for one connection: heartbeats on, fail fast (callers retry with backoff)."""
+    params = pika.URLParameters(settings.rabbitmq_url)
+    params.heartbeat = settings.heartbeat_s
+    params.blocked_connection_timeout = 60
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+def connect(settings: Settings, name: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(connection_parameters(settings, name))

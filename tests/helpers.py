@@ -1,0 +1,216 @@
+"""Test helpers: bundles built on the fly, a real labq system in subprocesses, waiting.
+
+``LabqSystem`` starts ``labq backend`` and N ``labq worker`` processes exactly as a lab
+admin would (real gunicorn, real RabbitMQ, real subprocesses), each with its own data
+dir and a unique queue prefix, and tears them down and deletes its queues afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pika
+import requests
+
+from shared.settings import Settings
+from shared.topology import Topology
+
+REPO = Path(__file__).resolve().parent.parent
+RABBITMQ_URL = os.environ.get("LABQ_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def unique_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_zip(files: dict[str, str | bytes], root: str | None = "proj") -> bytes:
+    """A bundle zip in memory: ``files`` maps relative paths to contents."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, content in files.items():
+            arcname = f"{root}/{name}" if root else name
+            zf.writestr(arcname, content)
+    return buf.getvalue()
+
+
+def write_zip(path: Path, files: dict[str, str | bytes], root: str | None = "proj") -> Path:
+    path.write_bytes(make_zip(files, root))
+    return path
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
+               message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def delete_topology(prefix: str, url: str = RABBITMQ_URL) -> None:
+    topo = Topology(prefix)
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(url))
+    except pika.exceptions.AMQPError:
+        return
+    try:
+        ch = conn.channel()
+        for queue in (topo.jobs_queue, topo.dead_queue, topo.events_queue):
+            ch.queue_delete(queue)
+        for exchange in (topo.jobs_exchange, topo.dead_exchange, topo.events_exchange,
+                         topo.control_exchange):
+            ch.exchange_delete(exchange)
+    finally:
+        conn.close()
+
+
+class LabqSystem:
+    """A backend and workers of labq, started as real processes for one test module."""
+
+    def __init__(self, tmp: Path, workers: int = 2, env: dict[str, str] | None = None,
+                 rabbitmq_url: str = RABBITMQ_URL) -> None:
+        self.tmp = tmp
+        self.data_dir = tmp / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = unique_prefix()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LABQ_")},
+            "LABQ_RABBITMQ_URL": rabbitmq_url,
+            "LABQ_DATA_DIR": str(self.data_dir),
+            "LABQ_PREFIX": self.prefix,
+            "LABQ_PORT": str(self.port),
+            "LABQ_URL": self.url,
+            "LABQ_STOP_GRACE_S": "2",
+            "LABQ_SHUTDOWN_GRACE_S": "5",
+            "LABQ_OUTBOX_INTERVAL_S": "0.5",
+            "LABQ_UV_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **(os.environ.get("LABQ_DATABASE_URL") and
+               {"LABQ_DATABASE_URL": os.environ["LABQ_DATABASE_URL"]} or {}),
+            **(env or {}),
+        }
+        self.settings = Settings.from_env(self.env)
+        self.backend: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._n_workers = workers
+        self._logs: list[Path] = []
+
+    # -- processes -------------------------------------------------------------
+    def _spawn(self, name: str, *args: str, extra_env: dict[str, str] | None = None
+               ) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"{name}.log"
+        self._logs.append(log)
+        handle = open(log, "ab")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen(
+            [sys.executable, "-m", "client.cli", *args],
+            cwd=REPO, env={**self.env, **(extra_env or {})},
+            stdout=handle, stderr=subprocess.STDOUT,
+        )
+
+    def start_backend(self) -> None:
+        self.backend = self._spawn("backend", "backend")
+        wait_until(self._healthy, timeout=30, message=f"backend on {self.url}")
+
+    def start_worker(self, name: str | None = None) -> subprocess.Popen[bytes]:
+        name = name or f"w{len(self.workers) + 1}"
+        proc = self._spawn(f"worker-{name}", "worker",
+                           extra_env={"LABQ_WORKER_NAME": f"{self.prefix}-{name}"})
+        self.workers.append(proc)
+        return proc
+
+    def start(self) -> LabqSystem:
+        self.start_backend()
+        for _ in range(self._n_workers):
+            self.start_worker()
+        return self
+
+    def _healthy(self) -> bool:
+        if self.backend is not None and self.backend.poll() is not None:
+            raise AssertionError(f"backend exited:\n{self.read_logs()}")
+        try:
+            return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        procs = [p for p in [*self.workers, self.backend] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        delete_topology(self.prefix, self.env["LABQ_RABBITMQ_URL"])
+
+    def read_logs(self) -> str:
+        return "\n".join(f"==== {p.name}\n{p.read_text(errors='replace')[-6000:]}"
+                         for p in self._logs if p.exists())
+
+    # -- API helpers -------------------------------------------------------------
+    def api(self, path: str) -> str:
+        return f"{self.url}{path}"
+
+    def submit(self, files: dict[str, str | bytes] | bytes, root: str | None = "proj",
+               **form: str) -> dict[str, Any]:
+        body = files if isinstance(files, bytes) else make_zip(files, root)
+        resp = requests.post(self.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
+                             data=form, timeout=30)
+        assert resp.status_code == 201, resp.text
+        return resp.json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        resp = requests.get(self.api(f"/api/v1/jobs/{job_id}"), timeout=10)
+        resp.raise_for_status()
+        return resp.json()
+
+    def wait_for_state(self, job_id: str, states: Iterable[str] | str,
+                       timeout: float = 60.0) -> dict[str, Any]:
+        wanted = {states} if isinstance(states, str) else set(states)
+        last: dict[str, Any] = {}
+
+        def reached() -> bool:
+            nonlocal last
+            last = self.job(job_id)
+            return last["state"] in wanted
+
+        try:
+            wait_until(reached, timeout=timeout, interval=0.2,
+                       message=f"job {job_id} to reach {sorted(wanted)}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last: {last}\n{self.read_logs()}") from None
+        return last
+
+    def wait_done(self, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        return self.wait_for_state(job_id, {"stopped", "failed"}, timeout)
+
+    def log(self, job_id: str) -> str:
+        return requests.get(self.api(f"/api/v1/jobs/{job_id}/log"), timeout=10).text
+
+    def set_state(self, job_id: str, state: str) -> requests.Response:
+        return requests.put(self.api(f"/api/v1/jobs/{job_id}/state"), json={"state": state},
+                            timeout=10)
