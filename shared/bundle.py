@@ -89,7 +89,9 @@ def _member_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
     return PurePosixPath(*parts)
 
 
-def _members(zf: zipfile.ZipFile, limits: BundleLimits) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+def _members(
+    zf: zipfile.ZipFile, limits: BundleLimits
+) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
     members: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
     total = 0
     for info in zf.infolist():
@@ -168,7 +170,9 @@ def inspect_bundle(
     entrypoint = data.get("entrypoint")
     if entrypoint is not None:
         if not isinstance(entrypoint, str) or not entrypoint.strip():
-            raise ManifestError("entrypoint must be a file name such as \"train.py\"", field="entrypoint")
+            raise ManifestError(
+                "entrypoint must be a file name such as \"train.py\"", field="entrypoint"
+            )
         ep = PurePosixPath(entrypoint)
         if ep.is_absolute() or ".." in ep.parts or (prefix / ep) not in paths:
             raise MissingEntrypointError(

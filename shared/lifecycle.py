@@ -145,7 +145,7 @@ def plan_user_request(
         )
     pending_state = State(pending) if pending else None
     # Already there, or already on the way there: repeating a request is harmless.
-    if wanted == state or wanted == pending_state:
+    if wanted in (state, pending_state):
         return UserRequest(Decision.NOOP, wanted)
     if wanted == State.STARTED and state in (State.CREATED, State.QUEUED, State.INITIALIZED):
         return UserRequest(Decision.NOOP, wanted)  # it starts by itself

@@ -28,7 +28,9 @@ from shared.errors import ManifestError
 from shared.settings import MIB, Settings
 
 MANIFEST_NAME = "labq.toml"
-KNOWN_KEYS = {"entrypoint", "args", "timeout_s", "memory_mb", "cpus", "max_output_mb", "env", "name"}
+KNOWN_KEYS = {
+    "entrypoint", "args", "timeout_s", "memory_mb", "cpus", "max_output_mb", "env", "name",
+}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Variables a job may not set: they would let user code reach into labq or its runtime.
 _RESERVED_ENV = re.compile(r"^(LABQ_.*|PATH|HOME|VIRTUAL_ENV|PYTHONHOME|PYTHONPATH|LD_.*)$")
@@ -77,7 +79,8 @@ def parse_manifest(text: bytes) -> dict[str, Any]:
 
 def _positive_int(data: dict[str, Any], key: str, default: int, maximum: int) -> int:
     if key not in data:
-        return default
+        # An admin may lower a maximum below the default; the maximum wins.
+        return min(default, maximum) if maximum and default else default
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise ManifestError(f"{key} must be a whole number, got {value!r}", field=key)
@@ -115,8 +118,12 @@ def resolve_spec(data: dict[str, Any], entrypoint: str, settings: Settings) -> J
         entrypoint=entrypoint,
         args=[str(a) for a in args],
         env=env,
-        timeout_s=_positive_int(data, "timeout_s", settings.default_timeout_s, settings.max_timeout_s),
-        memory_mb=_positive_int(data, "memory_mb", settings.default_memory_mb, settings.max_memory_mb),
+        timeout_s=_positive_int(
+            data, "timeout_s", settings.default_timeout_s, settings.max_timeout_s
+        ),
+        memory_mb=_positive_int(
+            data, "memory_mb", settings.default_memory_mb, settings.max_memory_mb
+        ),
         cpus=_positive_int(data, "cpus", settings.default_cpus, settings.max_cpus),
         max_output_bytes=_positive_int(data, "max_output_mb", default_output_mb, max_output_mb)
         * MIB,
