@@ -84,6 +84,21 @@ def delete_topology(prefix: str, url: str = RABBITMQ_URL) -> None:
         conn.close()
 
 
+def isolated_database_url(url: str, schema: str) -> str:
+    """On PostgreSQL, a URL whose tables live in a schema of their own (one per system),
+    so test systems sharing one database never see each other's jobs."""
+    if not url.startswith("postgresql"):
+        return url
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    engine.dispose()
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
 class LabqSystem:
     """A backend and workers of labq, started as real processes for one test module."""
 
@@ -107,10 +122,11 @@ class LabqSystem:
             "LABQ_OUTBOX_INTERVAL_S": "0.5",
             "LABQ_UV_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
-            **(os.environ.get("LABQ_DATABASE_URL") and
-               {"LABQ_DATABASE_URL": os.environ["LABQ_DATABASE_URL"]} or {}),
             **(env or {}),
         }
+        if os.environ.get("LABQ_DATABASE_URL"):
+            self.env["LABQ_DATABASE_URL"] = isolated_database_url(
+                os.environ["LABQ_DATABASE_URL"], self.prefix)
         self.settings = Settings.from_env(self.env)
         self.backend: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -166,6 +182,14 @@ class LabqSystem:
                 proc.kill()
                 proc.wait()
         delete_topology(self.prefix, self.env["LABQ_RABBITMQ_URL"])
+        url = self.env.get("LABQ_DATABASE_URL", "")
+        if url.startswith("postgresql"):
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(url.split("?")[0])
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{self.prefix}" CASCADE'))
+            engine.dispose()
 
     def read_logs(self) -> str:
         return "\n".join(f"==== {p.name}\n{p.read_text(errors='replace')[-6000:]}"
