@@ -1,1 +1,1 @@
-
+"""The backend: Flask REST API and web pages over the job registry, served by gunicorn."""

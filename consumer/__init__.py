@@ -1,1 +1,1 @@
-
+"""The AMQP side of a worker (``labq worker``): see :mod:`consumer.worker`."""

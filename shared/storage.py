@@ -9,6 +9,8 @@
     <data>/jobs/<id>/results/           the same files, unpacked
     <data>/jobs/<id>/outcome.json       the worker's record of the outcome (written last)
     <data>/jobs/<id>/attempts.log       one line per attempt a worker started
+    <data>/jobs/<id>/attempts.ended     one line per attempt that ended without an outcome
+                                        on purpose (a worker shutting down put it back)
     <data>/jobs/<id>/cancelled          marker: a user stopped the job before it ran
     <data>/jobs/<id>/run.lock           held (flock) by the worker running the job
     <data>/envs/<hash>/                 cached Python environments
@@ -144,6 +146,25 @@ class Storage:
             handle.flush()
             os.fsync(handle.fileno())
         return self.attempts(job_id)
+
+    def ended_attempts_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "attempts.ended"
+
+    def record_attempt_end(self, job_id: str, attempt: int) -> None:
+        """Note that ``attempt`` was put back on purpose, so it is not counted as lost."""
+        with open(self.ended_attempts_path(job_id), "a", encoding="utf-8") as handle:
+            handle.write(f"{attempt}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def lost_attempts(self, job_id: str) -> int:
+        """Attempts started that neither recorded an outcome nor were put back on purpose."""
+        try:
+            with open(self.ended_attempts_path(job_id), encoding="utf-8") as handle:
+                ended = {line.strip() for line in handle if line.strip()}
+        except FileNotFoundError:
+            ended = set()
+        return max(0, self.attempts(job_id) - len(ended))
 
     def attempts(self, job_id: str) -> int:
         try:

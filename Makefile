@@ -1,0 +1,51 @@
+# labq — `make run` starts everything on this machine; `make test` runs the whole suite.
+# Needs python3 (3.11+) with venv (Debian: sudo apt-get install -y python3-venv) and a
+# RabbitMQ broker (installed locally, or LABQ_RABBITMQ_URL pointing at one).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.labq-installed
+PYTEST_ARGS ?=
+
+.PHONY: help run test lint bench clean venv
+
+help:
+	@echo "make run    start labq (backend + workers) on http://127.0.0.1:8080, Ctrl-C stops"
+	@echo "make test   run the whole test suite (needs RabbitMQ)"
+	@echo "make lint   ruff"
+	@echo "make bench  the load run of bench/"
+	@echo "make clean  remove the venv, caches and ./data"
+
+# The venv: created once with python3 (3.11 or newer).
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else "labq needs Python 3.11 or newer; $(PYTHON) is %d.%d (set PYTHON=python3.11)" % v[:2])'
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "could not create $(VENV): install venv support (Debian/Ubuntu: sudo apt-get install -y python3-venv)"; \
+	  exit 1; }
+
+# Install (again) only when pyproject.toml changed.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/labq up
+
+test: $(STAMP)
+	$(BIN)/labq broker-check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/labq broker-check
+	$(BIN)/python bench/load.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache build dist
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

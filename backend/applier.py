@@ -1,0 +1,71 @@
+"""The event applier: a thread consuming ``<p>.events.backend`` into the registry.
+
+Each lifecycle event is applied through :meth:`Registry.apply_event` and acked only
+after its transaction committed, so a crash re-delivers it (and the sequence number
+makes the second application a no-op). Undecodable messages are acked and logged:
+redelivering them forever would only block the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from backend.hub import Hub
+from backend.reconnect import run_forever
+from backend.registry import Registry
+from shared.errors import DecodeError
+from shared.messages import LifecycleEvent, decode_event
+from shared.settings import Settings
+from shared.topology import Topology, connect
+
+log = logging.getLogger(__name__)
+
+PREFETCH = 50
+
+
+class EventApplier(threading.Thread):
+    def __init__(self, settings: Settings, registry: Registry, hub: Hub,
+                 stop: threading.Event) -> None:
+        super().__init__(name="labq-applier", daemon=True)
+        self.settings = settings
+        self.registry = registry
+        self.hub = hub
+        self.stop_event = stop
+        self.topology = Topology.from_settings(settings)
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        run_forever("event applier", self.stop_event, self._session)
+
+    def _session(self) -> None:
+        conn = connect(self.settings, "labq-backend-applier")
+        try:
+            channel = conn.channel()
+            self.topology.declare_all(channel)
+            channel.basic_qos(prefetch_count=PREFETCH)
+            channel.basic_consume(self.topology.events_queue, self._on_message)
+            self.connected.set()
+            log.info("event applier consuming %s", self.topology.events_queue)
+            while not self.stop_event.is_set():
+                conn.process_data_events(time_limit=0.5)
+        finally:
+            self.connected.clear()
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # noqa: BLE001 - the connection may already be broken
+                log.debug("closing the applier connection failed", exc_info=True)
+
+    def _on_message(self, channel: Any, method: Any, _props: Any, body: bytes) -> None:
+        try:
+            event = decode_event(body)
+        except DecodeError as exc:
+            log.warning("dropping an undecodable event (%s): %r", exc.message, body[:200])
+            channel.basic_ack(method.delivery_tag)
+            return
+        # A database error propagates: the session ends unacked and the event comes back.
+        if isinstance(event, LifecycleEvent) and self.registry.apply_event(event):
+            self.hub.publish("wake")
+        channel.basic_ack(method.delivery_tag)

@@ -1,0 +1,285 @@
+"""The job registry: the backend's domain layer over the database.
+
+Views stay thin and call these functions. Every change of a job's ``state`` goes
+through :func:`shared.db.compare_and_set`, re-reading and deciding again when another
+thread won the race, so concurrent requests and events never lose an update.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from producer.control import send_control
+from producer.jobs import insert_event
+from producer.publisher import Publisher
+from shared import db, lifecycle
+from shared.errors import BadRequestError, BrokerUnavailableError, NotFoundError
+from shared.lifecycle import Decision, Outcome, State
+from shared.manifest import JobSpec
+from shared.messages import LifecycleEvent
+from shared.storage import Storage, is_job_id, new_job_id
+
+log = logging.getLogger(__name__)
+
+MAX_RACE_RETRIES = 50
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+CONTROL_ACTIONS = {State.PAUSED: "pause", State.STARTED: "resume", State.STOPPED: "stop"}
+
+
+class Registry:
+    def __init__(self, engine: Engine, storage: Storage) -> None:
+        self.engine = engine
+        self.storage = storage
+
+    # -- reading ----------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, Any]:
+        if not is_job_id(job_id):
+            raise NotFoundError(f"there is no job {job_id!r}", job_id=job_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.jobs).where(db.jobs.c.id == job_id)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"there is no job {job_id!r}", job_id=job_id)
+        return dict(row)
+
+    def list(self, *, state: str | None = None, name: str | None = None,
+             limit: int | None = None, cursor: str | None = None
+             ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first, keyset-paginated on (created_at, id)."""
+        limit = DEFAULT_LIMIT if limit is None else limit
+        if not 1 <= limit <= MAX_LIMIT:
+            raise BadRequestError(f"limit must be between 1 and {MAX_LIMIT}", field="limit")
+        query = select(db.jobs)
+        if state:
+            try:
+                query = query.where(db.jobs.c.state == State(state))
+            except ValueError:
+                raise BadRequestError(
+                    f"unknown state {state!r}; use one of "
+                    f"{', '.join(s.value for s in State)}", field="state") from None
+        if name:
+            query = query.where(db.jobs.c.name == name)
+        if cursor:
+            created, last_id = _decode_cursor(cursor)
+            query = query.where(or_(db.jobs.c.created_at < created,
+                                    and_(db.jobs.c.created_at == created,
+                                         db.jobs.c.id < last_id)))
+        query = query.order_by(db.jobs.c.created_at.desc(), db.jobs.c.id.desc()).limit(limit + 1)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+        return rows, next_cursor
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(
+                select(db.jobs.c.state, func.count()).group_by(db.jobs.c.state)).all())
+        return {s.value: int(found.get(s.value, 0)) for s in State}
+
+    def find_by_key(self, key: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(db.jobs).where(db.jobs.c.idempotency_key == key)).mappings().first()
+        return dict(row) if row else None
+
+    # -- creating ---------------------------------------------------------------
+    def create(self, *, name: str, spec: JobSpec, bundle_sha256: str, bundle_bytes: int,
+               idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Insert a job in ``created`` (the outbox entry); returns (job, created_now)."""
+        job_id = new_job_id()
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(db.jobs).values(
+                    id=job_id, name=name, state=State.CREATED, attempts=0, seq=0,
+                    bundle_sha256=bundle_sha256, bundle_bytes=bundle_bytes,
+                    spec=json.dumps(spec.to_dict()), idempotency_key=idempotency_key,
+                    created_at=now, updated_at=now))
+                insert_event(conn, job_id=job_id, seq=0, state=State.CREATED, at=now)
+        except IntegrityError:
+            existing = self.find_by_key(idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return existing, False
+        return self.get(job_id), True
+
+    # -- control ----------------------------------------------------------------
+    def request_state(self, job_id: str, target: str,
+                      publisher: Publisher | None) -> dict[str, Any]:
+        """Carry out ``PUT /jobs/{id}/state``; returns the job afterwards.
+
+        Raises ConflictError (409) for impossible requests and a 503 error when the
+        control message cannot reach a worker.
+        """
+        for _ in range(MAX_RACE_RETRIES):
+            job = self.get(job_id)
+            plan = lifecycle.plan_user_request(job["state"], target,
+                                               pending=job["requested_state"])
+            if plan.decision == Decision.NOOP:
+                return job
+            state = State(job["state"])
+            if plan.target == State.STOPPED:
+                # The marker covers a worker that takes the job (or dies) before it hears.
+                self.storage.job_dir(job_id).mkdir(parents=True, exist_ok=True)
+                self.storage.mark_cancelled(job_id)
+                if state in (State.CREATED, State.QUEUED):
+                    if self._cancel_now(job):
+                        return self.get(job_id)
+                    continue  # it moved under us: decide again
+            if publisher is None:
+                raise BrokerUnavailableError("no broker connection to reach the worker")
+            if not self._set_requested(job, plan.target):
+                continue
+            try:
+                send_control(publisher, job_id, CONTROL_ACTIONS[plan.target])
+            except Exception:
+                # Nobody was told: forget the request so it can be made again.
+                self._set_requested({**job, "requested_state": plan.target},
+                                    job["requested_state"])
+                raise
+            return self.get(job_id)
+        raise RuntimeError(f"job {job_id}: too many concurrent changes; try again")
+
+    def _cancel_now(self, job: dict[str, Any]) -> bool:
+        seq = job["seq"] + 1
+        with self.engine.begin() as conn:
+            ok = db.compare_and_set(
+                conn, job["id"], expected_state=job["state"], expected_seq=job["seq"],
+                target=State.STOPPED,
+                values={"seq": seq, "outcome": Outcome.CANCELLED, "requested_state": None})
+            if ok:
+                insert_event(conn, job_id=job["id"], seq=seq, state=State.STOPPED,
+                             outcome=Outcome.CANCELLED, attempt=job["attempts"])
+        return ok
+
+    def _set_requested(self, job: dict[str, Any], requested: str | None) -> bool:
+        """Record a pending request if the job is still as read (same state and seq)."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(db.jobs)
+                .where(db.jobs.c.id == job["id"], db.jobs.c.state == job["state"],
+                       db.jobs.c.seq == job["seq"])
+                .values(requested_state=requested, updated_at=time.time()))
+        return result.rowcount == 1
+
+    # -- events -----------------------------------------------------------------
+    def apply_event(self, event: LifecycleEvent) -> bool:
+        """Apply a worker's lifecycle event; True when it changed the job.
+
+        Stale (``seq`` not newer), duplicate and post-terminal events are dropped, and so
+        are moves the state machine cannot reach; a lost compare-and-set race is retried.
+        """
+        try:
+            target = State(event.state)
+        except ValueError:
+            log.warning("event for %s names unknown state %r; dropped", event.job_id,
+                        event.state)
+            return False
+        for _ in range(MAX_RACE_RETRIES):
+            try:
+                job = self.get(event.job_id)
+            except NotFoundError:
+                log.warning("event for unknown job %s; dropped", event.job_id)
+                return False
+            state = State(job["state"])
+            if lifecycle.is_terminal(state) or event.seq <= job["seq"]:
+                log.debug("stale event for %s (seq %s <= %s or terminal); dropped",
+                          event.job_id, event.seq, job["seq"])
+                return False
+            if target != state and not lifecycle.can_reach(state, target):
+                log.warning("job %s: event %s → %s is not reachable; dropped",
+                            event.job_id, state, target)
+                return False
+            values: dict[str, Any] = {
+                "seq": event.seq,
+                "attempts": max(job["attempts"] or 0, event.attempt),
+            }
+            if event.worker is not None:
+                values["worker"] = event.worker
+            for field in ("outcome", "exit_code", "error"):
+                if getattr(event, field) is not None:
+                    values[field] = getattr(event, field)
+            # Reached, ended, or put back on the queue (the worker that was asked is gone).
+            if job["requested_state"] == target or target == State.QUEUED \
+                    or lifecycle.is_terminal(target):
+                values["requested_state"] = None
+            if target != state:
+                values[db.STATE_TIMESTAMPS[target]] = event.at
+            with self.engine.begin() as conn:
+                if db.compare_and_set(conn, event.job_id, expected_state=state,
+                                      expected_seq=job["seq"], target=target, values=values,
+                                      reach=True):
+                    insert_event(conn, job_id=event.job_id, seq=event.seq, state=target,
+                                 outcome=event.outcome, exit_code=event.exit_code,
+                                 error=event.error, attempt=event.attempt,
+                                 worker=event.worker, at=event.at)
+                    return True
+        log.error("job %s: gave up applying event seq %s after repeated races",
+                  event.job_id, event.seq)
+        return False
+
+
+# -- JSON ------------------------------------------------------------------------
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def job_to_json(row: dict[str, Any], base: str = "/api/v1/jobs") -> dict[str, Any]:
+    job_id = row["id"]
+    self_url = f"{base}/{job_id}"
+    data: dict[str, Any] = {
+        "id": job_id,
+        "name": row["name"],
+        "state": row["state"],
+        "requested_state": row["requested_state"],
+        "outcome": row["outcome"],
+        "exit_code": row["exit_code"],
+        "attempts": row["attempts"] or 0,
+        "error": row["error"],
+        "worker": row["worker"],
+    }
+    for column in db.STATE_TIMESTAMPS.values():
+        data[column] = iso(row[column])
+    data["updated_at"] = iso(row["updated_at"])
+    data["spec"] = json.loads(row["spec"])
+    data["bundle"] = {"sha256": row["bundle_sha256"], "bytes": row["bundle_bytes"]}
+    data["links"] = {
+        "self": self_url,
+        "state": f"{self_url}/state",
+        "log": f"{self_url}/log",
+        "results": f"{self_url}/results",
+        "results_files": f"{self_url}/results/files",
+    }
+    return data
+
+
+def _encode_cursor(created_at: float, job_id: str) -> str:
+    raw = json.dumps([created_at, job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        if not isinstance(job_id, str) or isinstance(created, bool):
+            raise ValueError(cursor)
+        return float(created), job_id
+    except (ValueError, TypeError) as exc:
+        raise BadRequestError("cursor is not one this server gave out", field="cursor") from exc
+

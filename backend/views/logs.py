@@ -1,0 +1,67 @@
+"""``/api/v1/jobs/<id>/log``: the combined log from a byte offset, or followed live (SSE)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, request, stream_with_context
+
+from backend.services import services
+from backend.sse import log_stream
+from shared.errors import BadRequestError
+
+bp = Blueprint("logs", __name__, url_prefix="/api/v1/jobs")
+
+CHUNK = 256 * 1024
+
+
+def _offset() -> int:
+    raw = request.args.get("offset") or request.headers.get("Last-Event-ID") or "0"
+    try:
+        offset = int(raw)
+    except ValueError:
+        raise BadRequestError(f"offset must be a whole number, got {raw!r}",
+                              field="offset") from None
+    if offset < 0:
+        raise BadRequestError("offset must be 0 or more", field="offset")
+    return offset
+
+
+def wants_stream() -> bool:
+    return (request.accept_mimetypes.best == "text/event-stream"
+            or "text/event-stream" in request.headers.get("Accept", "")
+            or request.args.get("follow") in ("1", "true", "yes"))
+
+
+@bp.get("/<job_id>/log")
+def show(job_id: str) -> Response:
+    svc = services()
+    svc.registry.get(job_id)  # 404 for an unknown job
+    offset = _offset()
+    path = svc.storage.log_path(job_id)
+    if wants_stream():
+        resp = Response(stream_with_context(log_stream(svc, job_id, offset)),
+                        mimetype="text/event-stream")
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Accel-Buffering"] = "no"
+        return resp
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        size = 0
+
+    def body() -> Iterator[bytes]:
+        if offset >= size:
+            return
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            left = size - offset
+            while left > 0 and (chunk := handle.read(min(CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+
+    resp = Response(body(), mimetype="text/plain")
+    resp.headers["X-Log-Size"] = str(size)
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp

@@ -1,0 +1,48 @@
+"""The web pages: the ``frontend`` package's HTML, CSS and JS, served as they are."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from flask import Blueprint, Response, send_from_directory
+from werkzeug.exceptions import NotFound
+
+bp = Blueprint("pages", __name__)
+
+
+def frontend_dir() -> Path:
+    return Path(str(files("frontend")))
+
+
+def _page(name: str) -> Response:
+    resp = send_from_directory(frontend_dir(), name, max_age=0)
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp
+
+
+@bp.get("/")
+def home() -> Response:
+    return _page("index.html")
+
+
+@bp.get("/upload")
+def upload() -> Response:
+    return _page("upload.html")
+
+
+@bp.get("/results")
+def results() -> Response:
+    return _page("results.html")
+
+
+@bp.get("/jobs/<job_id>")
+def job(job_id: str) -> Response:
+    return _page("job.html")
+
+
+@bp.get("/static/<path:filename>")
+def static_file(filename: str) -> Response:
+    if filename.endswith(".py") or filename.startswith(("_", ".")):
+        raise NotFound()
+    return _page(filename)

@@ -1,0 +1,439 @@
+"""A small Python SDK for labq's REST API (v1). It speaks HTTP only.
+
+::
+
+    from client.api import Client
+
+    labq = Client("http://127.0.0.1:8080")
+    job = labq.submit("examples/hello")          # a folder (zipped for you) or a .zip
+    job = labq.wait(job["id"])                   # until the job is stopped or failed
+    print(job["outcome"], labq.log(job["id"])[0])
+    labq.download_results(job["id"], "hello-results.zip")
+
+Every failure is a :class:`ClientError` whose message is one readable line: the
+server's own ``{"error": {"message"}}`` when it answered, or what to do when it did not.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+import requests
+import urllib3
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+#: States after which nothing more happens to a job.
+TERMINAL_STATES = frozenset({"stopped", "failed"})
+#: Folders never worth uploading: environments, caches, version control.
+SKIP_DIRS = frozenset({".venv", "venv", "__pycache__", ".git", ".hg", ".svn", ".mypy_cache",
+                       ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints", "node_modules"})
+SKIP_FILES = frozenset({".DS_Store", "Thumbs.db"})
+_CHUNK = 256 * 1024
+
+ProgressFn = Callable[[int, int], None]
+
+
+class ClientError(Exception):
+    """Any failure talking to labq; ``str(exc)`` is one line meant for a person."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.details = details or {}
+
+
+# -- bundles ---------------------------------------------------------------------
+
+
+def zip_project(folder: Path | str, dest: Path | str) -> int:
+    """Zip ``folder`` into ``dest`` under one top folder named like it; return file count.
+
+    Skips virtual environments, caches and version control (``.venv``, ``__pycache__``,
+    ``.git``, ...) and symbolic links (the server refuses them). Empty folders such as
+    ``output/`` are kept, so the job finds them.
+    """
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise ClientError(f"{folder} is not a folder")
+    top = folder.name or "project"
+    count = 0
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for current, dirs, files in os.walk(folder):
+            here = Path(current)
+            dirs[:] = sorted(d for d in dirs
+                             if d not in SKIP_DIRS and not (here / d).is_symlink())
+            rel_dir = here.relative_to(folder)
+            if not files and not dirs and rel_dir != Path("."):
+                zf.writestr(f"{top}/{rel_dir.as_posix()}/", b"")
+            for name in sorted(files):
+                path = here / name
+                if name in SKIP_FILES or name.endswith((".pyc", ".pyo")) or path.is_symlink():
+                    continue
+                zf.write(path, f"{top}/{path.relative_to(folder).as_posix()}")
+                count += 1
+    if count == 0:
+        raise ClientError(f"{folder} has no files to send")
+    return count
+
+
+@contextmanager
+def bundle_file(path: Path | str) -> Iterator[Path]:
+    """The zip to upload for ``path``: the zip itself, or a temporary zip of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        fd, name = tempfile.mkstemp(prefix=f"labq-{path.resolve().name}-", suffix=".zip")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            zip_project(path, tmp)
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+    elif path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise ClientError(f"{path} is not a zip file; give a .zip or a project folder")
+        yield path
+    else:
+        raise ClientError(f"{path} does not exist")
+
+
+def safe_extract(zip_path: Path | str, dest: Path | str) -> list[Path]:
+    """Unpack a results zip into ``dest``, refusing paths that would land outside it."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    written: list[Path] = []
+    with zipfile.ZipFile(zip_path) as zf:
+        for info in zf.infolist():
+            parts = [p for p in PurePosixPath(info.filename.replace("\\", "/")).parts
+                     if p not in ("", ".", "/")]
+            if not parts or ".." in parts or info.filename.startswith("/"):
+                if info.is_dir() or not parts:
+                    continue
+                raise ClientError(f"the results contain an unsafe path {info.filename!r}")
+            target = root.joinpath(*parts)
+            if not target.resolve().is_relative_to(root):
+                raise ClientError(f"the results contain an unsafe path {info.filename!r}")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+            written.append(target)
+    return written
+
+
+class _MultipartBody:
+    """A multipart/form-data body streamed from disk, reporting upload progress."""
+
+    def __init__(self, fields: dict[str, str], file_field: str, file_path: Path,
+                 filename: str, progress: ProgressFn | None = None) -> None:
+        self.boundary = f"labq-{uuid.uuid4().hex}"
+        head = b""
+        for key, value in fields.items():
+            head += (f"--{self.boundary}\r\nContent-Disposition: form-data; "
+                     f'name="{key}"\r\n\r\n{value}\r\n').encode()
+        head += (f"--{self.boundary}\r\nContent-Disposition: form-data; "
+                 f'name="{file_field}"; filename="{filename}"\r\n'
+                 "Content-Type: application/zip\r\n\r\n").encode()
+        self._head = head
+        self._tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self._file_size = file_path.stat().st_size
+        self._file: IO[bytes] = open(file_path, "rb")  # noqa: SIM115 - closed in close()
+        self._progress = progress
+        self.sent = 0
+        self.length = len(head) + self._file_size + len(self._tail)
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._head
+        while chunk := self._file.read(_CHUNK):
+            self.sent += len(chunk)
+            if self._progress:
+                self._progress(self.sent, self._file_size)
+            yield chunk
+        yield self._tail
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# -- the client ------------------------------------------------------------------
+
+
+class Client:
+    """One labq server. ``url`` defaults to ``$LABQ_URL``, else http://127.0.0.1:8080."""
+
+    def __init__(self, url: str | None = None, timeout_s: float = 30.0,
+                 session: requests.Session | None = None) -> None:
+        self.url = (url or os.environ.get("LABQ_URL") or DEFAULT_URL).rstrip("/")
+        self.timeout_s = timeout_s
+        self.session = session or requests.Session()
+
+    # -- plumbing ----------------------------------------------------------------
+    def _request(self, method: str, path: str, *, stream: bool = False,
+                 timeout: float | None | tuple[float, float | None] = -1.0,
+                 **kwargs: Any) -> requests.Response:
+        if timeout == -1.0:
+            timeout = self.timeout_s
+        try:
+            resp = self.session.request(method, f"{self.url}{path}", stream=stream,
+                                        timeout=timeout, **kwargs)
+        except requests.ConnectionError as exc:
+            raise ClientError(
+                f"cannot reach labq at {self.url} — is `make run` running? "
+                "(or point LABQ_URL / --url at your server)") from exc
+        except requests.Timeout as exc:
+            raise ClientError(f"labq at {self.url} did not answer in time; try again") from exc
+        except requests.RequestException as exc:
+            raise ClientError(f"request to {self.url}{path} failed: {exc}") from exc
+        if resp.status_code >= 400:
+            raise _error_from(resp)
+        return resp
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        resp = self._request(method, path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise ClientError(
+                f"{self.url} answered {path} with something that is not labq's JSON "
+                "(is LABQ_URL pointing at a labq server?)") from exc
+
+    # -- health --------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/healthz")
+
+    def ready(self) -> dict[str, Any]:
+        return self._json("GET", "/readyz")
+
+    # -- jobs ----------------------------------------------------------------------
+    def submit(self, path: Path | str, *, fields: dict[str, Any] | None = None,
+               progress: ProgressFn | None = None,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        """Upload a bundle (a .zip, or a folder zipped on the fly); return the new job.
+
+        ``fields`` are optional form fields that override the bundle's ``labq.toml``
+        (e.g. ``{"name": "run-3", "timeout_s": 600}``).
+        """
+        form = {k: str(v) for k, v in (fields or {}).items() if v is not None}
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        with bundle_file(path) as zip_path:
+            filename = f"{Path(path).resolve().name.removesuffix('.zip')}.zip"
+            body = _MultipartBody(form, "bundle", zip_path, filename, progress)
+            headers["Content-Type"] = body.content_type
+            try:
+                # A sized iterable: requests sends Content-Length (not chunked) and streams
+                # it from disk. No read timeout: a big upload takes as long as it takes.
+                return self._json("POST", "/api/v1/jobs", data=body, headers=headers,
+                                  timeout=(10.0, None))
+            finally:
+                body.close()
+
+    def jobs(self, *, state: str | None = None, name: str | None = None,
+             limit: int | None = None, cursor: str | None = None) -> dict[str, Any]:
+        """One page of jobs, newest first: ``{"jobs": [...], "next_cursor": ...}``."""
+        params = {k: v for k, v in {"state": state, "name": name, "limit": limit,
+                                    "cursor": cursor}.items() if v not in (None, "")}
+        return self._json("GET", "/api/v1/jobs", params=params)
+
+    def iter_jobs(self, *, state: str | None = None, name: str | None = None,
+                  limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Jobs newest first, following pages, at most ``limit`` of them (None: all)."""
+        cursor: str | None = None
+        seen = 0
+        while True:
+            page_size = min(limit - seen, 100) if limit else 100
+            page = self.jobs(state=state, name=name, limit=page_size, cursor=cursor)
+            for job in page.get("jobs", []):
+                yield job
+                seen += 1
+                if limit and seen >= limit:
+                    return
+            cursor = page.get("next_cursor")
+            if not cursor or not page.get("jobs"):
+                return
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/jobs/{job_id}")
+
+    def state(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/jobs/{job_id}/state")
+
+    def set_state(self, job_id: str, state: str) -> dict[str, Any]:
+        return self._json("PUT", f"/api/v1/jobs/{job_id}/state", json={"state": state})
+
+    def pause(self, job_id: str) -> dict[str, Any]:
+        return self.set_state(job_id, "paused")
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return self.set_state(job_id, "started")
+
+    def stop(self, job_id: str) -> dict[str, Any]:
+        return self.set_state(job_id, "stopped")
+
+    def wait(self, job_id: str, timeout_s: float | None = None,
+             poll_s: float = 0.5) -> dict[str, Any]:
+        """Poll until the job is ``stopped`` or ``failed``; return it."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if job.get("state") in TERMINAL_STATES:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise ClientError(
+                    f"job {job_id} is still {job.get('state')} after {timeout_s:g}s")
+            time.sleep(poll_s)
+
+    # -- logs ----------------------------------------------------------------------
+    def log(self, job_id: str, offset: int = 0) -> tuple[str, int]:
+        """The job's log from byte ``offset``; returns (text, total size in bytes)."""
+        resp = self._request("GET", f"/api/v1/jobs/{job_id}/log", params={"offset": offset})
+        size = resp.headers.get("X-Log-Size")
+        text = resp.content.decode("utf-8", errors="replace")
+        return text, int(size) if size and size.isdigit() else offset + len(resp.content)
+
+    def follow_log(self, job_id: str, offset: int = 0,
+                   poll_s: float = 1.0) -> Iterator[str]:
+        """Yield the job's log as it grows, until the job ends.
+
+        Uses the server-sent event stream; if that breaks or is not offered, goes on by
+        polling ``?offset=`` so nothing is printed twice or skipped.
+        """
+        received = offset
+        try:
+            resp = self._request(
+                "GET", f"/api/v1/jobs/{job_id}/log", params={"offset": offset},
+                headers={"Accept": "text/event-stream"}, stream=True, timeout=(10.0, 60.0))
+        except ClientError as exc:
+            if exc.status is None:
+                raise
+            self.job(job_id)  # an unknown job is an error; anything else: poll instead
+            resp = None
+        if resp is not None and resp.headers.get("Content-Type", "").startswith(
+                "text/event-stream"):
+            try:
+                for event, data in iter_sse(resp):
+                    if event == "end":
+                        return
+                    if event in ("message", "log") and data:
+                        received += len(data.encode("utf-8"))
+                        yield data
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+                pass  # the stream broke: go on by polling from where we are
+            finally:
+                resp.close()
+        elif resp is not None:
+            resp.close()
+        # Polling fallback.
+        while True:
+            done = self.job(job_id).get("state") in TERMINAL_STATES
+            text, size = self._log_or_empty(job_id, received)
+            if text:
+                yield text
+            received = max(size, received + len(text.encode("utf-8")))
+            if done:
+                return
+            time.sleep(poll_s)
+
+    def _log_or_empty(self, job_id: str, offset: int) -> tuple[str, int]:
+        try:
+            return self.log(job_id, offset)
+        except ClientError as exc:
+            if exc.status == 404:  # no log written yet
+                return "", offset
+            raise
+
+    # -- results -------------------------------------------------------------------
+    def download_results(self, job_id: str, dest: Path | str) -> Path:
+        """Save the zip of the job's ``output/`` to ``dest``."""
+        dest = Path(dest)
+        resp = self._request("GET", f"/api/v1/jobs/{job_id}/results", stream=True,
+                             timeout=(10.0, 300.0))
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            with open(tmp, "wb") as out:
+                for chunk in resp.iter_content(_CHUNK):
+                    out.write(chunk)
+            os.replace(tmp, dest)
+        finally:
+            resp.close()
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def result_files(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/jobs/{job_id}/results/files")
+
+
+def _raw_chunks(resp: requests.Response) -> Iterator[bytes]:
+    """Bytes as soon as they arrive (``read1``), not when a fixed-size buffer fills."""
+    raw = resp.raw
+    if hasattr(raw, "read1"):
+        while chunk := raw.read1(_CHUNK):
+            yield chunk
+    else:  # older urllib3
+        yield from resp.iter_content(1)
+
+
+def iter_sse(resp: requests.Response) -> Iterator[tuple[str, str]]:
+    """Parse a text/event-stream response into (event, data) pairs (WHATWG rules)."""
+    event, data_lines = "message", []
+    buffer = b""
+    for chunk in _raw_chunks(resp):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.removesuffix(b"\r").decode("utf-8", errors="replace")
+            if line == "":
+                if data_lines or event != "message":
+                    yield event, "\n".join(data_lines)
+                event, data_lines = "message", []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value or "message"
+            elif name == "data":
+                data_lines.append(value)
+    if data_lines:
+        yield event, "\n".join(data_lines)
+
+
+def _error_from(resp: requests.Response) -> ClientError:
+    code = None
+    details: dict[str, Any] = {}
+    try:
+        body = resp.json()
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            code = err.get("code")
+            details = {k: v for k, v in err.items() if k not in ("code", "message")}
+            message = str(err.get("message") or code or resp.reason)
+        else:
+            message = f"HTTP {resp.status_code} {resp.reason}"
+    except ValueError:
+        text = resp.text.strip().splitlines()
+        message = f"HTTP {resp.status_code} {resp.reason}" + (f": {text[0][:200]}"
+                                                               if text else "")
+    return ClientError(message, status=resp.status_code, code=code, details=details)

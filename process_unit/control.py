@@ -1,0 +1,75 @@
+"""The thread-safe mailbox between the connection thread and the job thread.
+
+The connection thread posts requests (``pause``, ``resume``, ``stop`` from control
+messages; ``shutdown`` when the worker must put the job back); the job thread takes
+them while it supervises the run and publishes a status snapshot for status events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+ACTIONS = ("pause", "resume", "stop", "shutdown")
+
+
+@dataclass(frozen=True)
+class Status:
+    state: str
+    elapsed_s: float
+    memory_mb: float | None
+
+
+class Control:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._actions: deque[str] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._shutdown = False
+        self._status: Status | None = None
+
+    def request(self, action: str) -> None:
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        with self._lock:
+            self._actions.append(action)
+            if action == "stop":
+                self._stop = True
+            elif action == "shutdown":
+                self._shutdown = True
+            self._wake.set()
+
+    def take(self, timeout: float = 0.0) -> str | None:
+        """The oldest pending request, waiting up to ``timeout`` seconds for one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._actions:
+                    return self._actions.popleft()
+                self._wake.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._wake.wait(remaining):
+                with self._lock:
+                    return self._actions.popleft() if self._actions else None
+
+    @property
+    def stop_requested(self) -> bool:
+        with self._lock:
+            return self._stop
+
+    @property
+    def shutdown_requested(self) -> bool:
+        with self._lock:
+            return self._shutdown
+
+    def set_status(self, status: Status | None) -> None:
+        with self._lock:
+            self._status = status
+
+    @property
+    def status(self) -> Status | None:
+        with self._lock:
+            return self._status

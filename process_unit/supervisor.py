@@ -1,0 +1,157 @@
+"""Run one job's command as a supervised subprocess and control its whole tree.
+
+The job runs in a new session with stdout and stderr appended straight to the job
+log (the worker never copies output). :class:`Supervisor` can freeze (SIGSTOP) and
+thaw (SIGCONT) every process of the run, stop it (SIGTERM, then SIGKILL after a
+grace), and measure its memory. Exit statuses are classified by :func:`classify`.
+
+``exit_code`` for a job killed by a signal is ``-signum`` (the convention of
+``subprocess.Popen.returncode``), so ``exit_code == -9`` means SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from process_unit import proctree
+from process_unit.sandbox import TOKEN_VAR, Command
+
+log = logging.getLogger(__name__)
+
+
+def new_token() -> str:
+    """A run token naming this worker process (pid + start time) and the run."""
+    return f"{os.getpid()}:{proctree.own_start_time()}:{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True)
+class Exit:
+    exit_code: int
+    #: "killed by SIGSEGV" for a signal, "" for a normal exit.
+    signal_text: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+def classify(returncode: int) -> Exit:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return Exit(returncode, f"killed by {name}")
+    return Exit(returncode, "")
+
+
+class Supervisor:
+    """One run of a job's command. Not thread-safe: the job thread drives it alone.
+
+    The thread that calls :meth:`start` must outlive the child: the child's death
+    signal (PR_SET_PDEATHSIG) fires when the *thread* that forked it exits.
+    """
+
+    def __init__(self, command: Command, log_fd: int, token: str | None = None) -> None:
+        self.command = command
+        self.log_fd = log_fd
+        self.token = token or command.env.get(TOKEN_VAR) or new_token()
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.paused = False
+        self.started_at = 0.0
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            self.command.argv,
+            cwd=self.command.cwd,
+            env=self.command.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_fd,
+            stderr=self.log_fd,
+            start_new_session=True,  # its own session: terminal signals never reach it
+            close_fds=True,
+        )
+        self.started_at = time.monotonic()
+        log.info("started pid %d: %s", self.popen.pid, " ".join(self.command.argv[-3:]))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen else 0
+
+    def poll(self) -> int | None:
+        """The main process's return code once it exited, else None (reaps strays too)."""
+        assert self.popen is not None
+        code = self.popen.poll()
+        proctree.reap_zombies(skip={self.pid} if code is None else set())
+        return code
+
+    def processes(self) -> dict[int, proctree.Proc]:
+        root = self.pid if self.popen and self.popen.returncode is None else None
+        return proctree.tree(root, TOKEN_VAR, self.token)
+
+    def memory_bytes(self) -> int:
+        return proctree.rss_bytes(self.processes())
+
+    # -- control ----------------------------------------------------------------
+    def pause(self) -> None:
+        """SIGSTOP every process; walk again until no new process appeared meanwhile."""
+        stopped: set[int] = set()
+        for _ in range(50):
+            pids = set(self.processes())
+            new = pids - stopped
+            if not new:
+                break
+            proctree.signal_all(sorted(new), signal.SIGSTOP)
+            stopped |= new
+        self.paused = True
+
+    def resume(self) -> None:
+        proctree.signal_all(self.processes(), signal.SIGCONT)
+        self.paused = False
+
+    def kill(self, grace_s: float) -> None:
+        """SIGTERM the tree, SIGKILL what is left after ``grace_s``; returns when it is gone."""
+        procs = self.processes()
+        if procs:
+            proctree.signal_all(procs, signal.SIGTERM)
+            # A frozen process would never see SIGTERM until thawed.
+            proctree.signal_all(procs, signal.SIGCONT)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if self.popen is not None:
+                self.popen.poll()
+            if not self.processes():
+                break
+            time.sleep(0.05)
+        self.kill_now()
+
+    def kill_now(self) -> None:
+        """SIGKILL the tree until nothing of it is left (new forks included)."""
+        for _ in range(200):
+            procs = self.processes()
+            if not procs:
+                break
+            proctree.signal_all(procs, signal.SIGKILL)
+            time.sleep(0.02)
+            if self.popen is not None:
+                self.popen.poll()
+        else:
+            log.error("could not kill every process of run %s", self.token)
+        self.paused = False
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.error("job process %d did not exit after SIGKILL", self.pid)
+        proctree.reap_zombies()
+
+    def wait(self) -> int:
+        assert self.popen is not None
+        return self.popen.wait()

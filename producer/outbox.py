@@ -1,0 +1,75 @@
+"""The outbox relay: publishes jobs the upload request could not (broker down).
+
+A background thread wakes every ``settings.outbox_interval_s`` and publishes every job
+still ``created`` a couple of seconds after its upload (younger ones belong to the
+request that is publishing them right now). While the broker is down it backs off
+exponentially, so a long outage does not turn into a connect storm.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import Engine, select
+
+from producer.jobs import publish_job
+from producer.publisher import Publisher
+from shared import db
+from shared.errors import BrokerUnavailableError
+from shared.lifecycle import State
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: A job this young is still being published by its upload request.
+MIN_AGE_S = 2.0
+MAX_BACKOFF_S = 10.0
+BATCH = 200
+
+
+class OutboxRelay(threading.Thread):
+    def __init__(self, settings: Settings, engine: Engine, publisher: Publisher,
+                 stop: threading.Event | None = None) -> None:
+        super().__init__(name="labq-outbox", daemon=True)
+        self.settings = settings
+        self.engine = engine
+        self.publisher = publisher
+        self.stop_event = stop or threading.Event()
+
+    def pending(self) -> list[str]:
+        cutoff = time.time() - MIN_AGE_S
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(db.jobs.c.id)
+                .where(db.jobs.c.state == State.CREATED, db.jobs.c.created_at < cutoff)
+                .order_by(db.jobs.c.created_at)
+                .limit(BATCH)
+            ).all()
+        return [r.id for r in rows]
+
+    def relay_once(self) -> int:
+        """Publish what is pending; return how many jobs were queued. Raises when down."""
+        queued = 0
+        for job_id in self.pending():
+            if publish_job(self.engine, self.publisher, job_id):
+                queued += 1
+                log.info("outbox: job %s published and queued", job_id)
+        return queued
+
+    def run(self) -> None:
+        interval = max(self.settings.outbox_interval_s, 0.1)
+        delay = interval
+        while not self.stop_event.wait(delay):
+            try:
+                self.relay_once()
+                self.publisher.keepalive()
+                delay = interval
+            except BrokerUnavailableError as exc:
+                delay = min(max(delay * 2, interval), MAX_BACKOFF_S)
+                log.warning("outbox: broker unavailable (%s); next try in %.1fs",
+                            exc.message, delay)
+            except Exception:
+                log.exception("outbox: unexpected error; retrying")
+                delay = min(max(delay * 2, interval), MAX_BACKOFF_S)

@@ -1,0 +1,67 @@
+"""Control messages straight to a worker (no backend): pause, resume, stop, status events."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+import pytest
+from helpers import wait_until
+from test_pipeline_worker import Workers
+
+from shared.messages import ControlMessage, StatusEvent
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def workers(broker, tmp_path):
+    w = Workers(tmp_path)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def control(workers: Workers, job_id: str, action: str) -> None:
+    workers.ch.basic_publish(workers.topology.control_exchange, f"{job_id}.control",
+                             ControlMessage(job_id=job_id, action=action).encode(),
+                             mandatory=True)
+
+
+def test_pause_resume_stop_and_status_events(workers):
+    status_q = workers.ch.queue_declare("", exclusive=True).method.queue
+    workers.ch.queue_bind(status_q, workers.topology.events_exchange, "*.status")
+    workers.start("w1")
+    job = workers.job({"code.py": "import time\nwhile True:\n    time.sleep(0.05)\n"})
+    workers.publish(job.encode())
+    wait_until(lambda: "started" in workers.states(job.job_id), timeout=30, message="started")
+
+    def statuses() -> list[StatusEvent]:
+        out = []
+        while True:
+            method, _p, body = workers.ch.basic_get(status_q, auto_ack=True)
+            if method is None:
+                return out
+            out.append(StatusEvent.decode(body))
+
+    wait_until(lambda: statuses(), timeout=5, message="a status event")
+    control(workers, job.job_id, "pause")
+    wait_until(lambda: workers.states(job.job_id)[-1] == "paused", timeout=10, message="paused")
+    time.sleep(1.2)
+    statuses()
+    time.sleep(2.2)
+    while_paused = [s for s in statuses() if s.state == "paused"]
+    assert len(while_paused) >= 2
+    assert while_paused[0].elapsed_s == while_paused[-1].elapsed_s  # pauses don't count
+    control(workers, job.job_id, "resume")
+    wait_until(lambda: workers.states(job.job_id)[-1] == "started", timeout=10, message="resumed")
+    control(workers, job.job_id, "stop")
+    final = workers.wait_final(job.job_id)
+    assert (final.state, final.outcome) == ("stopped", "cancelled")
+    assert workers.states(job.job_id) == ["initialized", "started", "paused", "started",
+                                          "stopped"]
+    # The worker unbound the job's control key: a new control message is unroutable.
+    time.sleep(0.5)
+    with pytest.raises(pika.exceptions.UnroutableError):
+        control(workers, job.job_id, "pause")
