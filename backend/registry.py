@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from producer.control import send_control
+from producer.control import WorkerUnreachableError, send_control
 from producer.jobs import insert_event
 from producer.publisher import Publisher
 from shared import db, lifecycle
@@ -142,6 +142,15 @@ class Registry:
                 continue
             try:
                 send_control(publisher, job_id, CONTROL_ACTIONS[plan.target])
+            except WorkerUnreachableError:
+                if plan.target != State.STOPPED:
+                    self._set_requested({**job, "requested_state": plan.target},
+                                        job["requested_state"])
+                    raise
+                # No worker is bound right now (it is reconnecting, or died and the job
+                # is being redelivered): the cancel marker written above stops the job
+                # wherever it runs next, so the request stands.
+                log.info("job %s: no worker bound; the stop marker will carry it", job_id)
             except Exception:
                 # Nobody was told: forget the request so it can be made again.
                 self._set_requested({**job, "requested_state": plan.target},

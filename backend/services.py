@@ -55,6 +55,11 @@ class Services:
             OutboxRelay(self.settings, self.engine, self.publisher, self.stop),
             StatusBroadcaster(self.settings, self.hub, self.stop),
         ]
+        # Declare the queues now (the publisher declares them on connect) so the jobs
+        # queue exists from start-up, before the first upload; a broker that is down is
+        # fine here: the outbox relay keeps trying.
+        if not self.publisher.ping():
+            log.warning("RabbitMQ is not reachable yet; jobs will be queued when it is")
         for thread in self.threads:
             thread.start()
         log.info("background threads started: %s", ", ".join(t.name for t in self.threads))

@@ -266,6 +266,12 @@ class Worker:
                 log.warning("job %s did not finish within the grace; putting it back",
                             current.job.job_id)
                 current.control.request("shutdown")
+            if now >= self._next_sweep and not current.control.stop_requested \
+                    and self.storage.is_cancelled(current.job.job_id):
+                # The stop may have been asked while our channel was down (its control
+                # message unroutable): the marker on the data dir still reaches us.
+                log.info("job %s has a stop marker; stopping it", current.job.job_id)
+                current.control.request("stop")
             if now >= self._next_status and self._online():
                 self._next_status = now + self.settings.status_interval_s
                 self._publish_status(current)

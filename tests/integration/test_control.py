@@ -104,3 +104,16 @@ def test_stop_of_a_queued_job_never_runs_it(system):
     time.sleep(2.0)  # the workers are free; the queued message reaches one of them
     assert not marker.exists(), "a stopped queued job ran"
     assert system.job(queued["id"])["outcome"] == "cancelled"
+
+
+def test_a_stop_that_missed_the_control_queue_still_reaches_the_running_job(system):
+    # Given a running job, and a stop recorded only on the data dir (as when the backend
+    # found no worker bound because the worker was reconnecting to the broker)
+    from shared.storage import Storage
+
+    job = system.submit({"code.py": "import time\nwhile True:\n    time.sleep(0.1)\n"})
+    system.wait_for_state(job["id"], "started")
+    Storage(system.data_dir).mark_cancelled(job["id"])
+    # Then the worker notices the marker by itself and stops the job as cancelled
+    done = system.wait_done(job["id"], timeout=20)
+    assert (done["state"], done["outcome"]) == ("stopped", "cancelled")

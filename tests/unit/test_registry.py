@@ -217,6 +217,17 @@ def test_unroutable_control_is_503_and_forgets_the_request(registry):
     assert registry.get(job_id)["requested_state"] is None
 
 
+def test_unroutable_stop_stands_because_the_marker_carries_it(registry):
+    # Given a running job whose worker is not bound right now (reconnecting or dead)
+    pub = FakePublisher(fail=UnroutableError("nobody"))
+    job_id = new_job(registry)["id"]
+    registry.apply_event(ev(job_id, 2, "started"))
+    # When the user stops it, the request stands: the marker stops it wherever it runs next
+    job = registry.request_state(job_id, "stopped", pub)
+    assert (job["state"], job["requested_state"]) == ("started", "stopped")
+    assert registry.storage.is_cancelled(job_id)
+
+
 def test_list_pagination_and_filters(registry):
     ids = [new_job(registry, name=f"n{i % 2}")["id"] for i in range(7)]
     page, cursor = registry.list(limit=3)
