@@ -15,6 +15,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from backend.app import create_app
+from shared.hardening import protect_process
 from shared.logs import setup_logging
 from shared.settings import Settings
 
@@ -81,6 +82,7 @@ class BackendServer(BaseApplication):
 
 def run(settings: Settings) -> int:
     setup_logging("backend", settings.log_level)
+    protect_process()  # inherited by gunicorn's forked worker
     log.info("labq backend on http://%s:%s (data in %s, prefix %s)", settings.host,
              settings.port, settings.data_dir, settings.prefix)
     try:

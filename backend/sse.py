@@ -12,7 +12,6 @@ import json
 import queue
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -84,13 +83,13 @@ def event_stream(svc: Services, after: int) -> Iterator[str]:
                 sent = time.monotonic()
 
 
-def _read(path: Path, offset: int) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(READ_CHUNK)
-    except FileNotFoundError:
+def _read(svc: Services, job_id: str, offset: int) -> bytes:
+    handle = svc.storage.open_job_file(job_id, svc.storage.log_path(job_id).name)
+    if handle is None:
         return b""
+    with handle:
+        handle.seek(offset)
+        return handle.read(READ_CHUNK)
 
 
 def log_stream(svc: Services, job_id: str, offset: int) -> Iterator[str]:
@@ -98,13 +97,12 @@ def log_stream(svc: Services, job_id: str, offset: int) -> Iterator[str]:
 
     ``id:`` is the byte offset reached, so a reconnecting EventSource resumes there.
     """
-    path = svc.storage.log_path(job_id)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     position = offset
     yield "retry: 3000\n: following\n\n"
     sent = time.monotonic()
     while not svc.stop.is_set():
-        data = _read(path, position)
+        data = _read(svc, job_id, position)
         if data:
             position += len(data)
             text = decoder.decode(data)
@@ -115,7 +113,7 @@ def log_stream(svc: Services, job_id: str, offset: int) -> Iterator[str]:
         # Check the state before the last read: whatever the worker wrote before its
         # final event was applied is on disk by then.
         if is_terminal(svc.registry.get(job_id)["state"]):
-            data = _read(path, position)
+            data = _read(svc, job_id, position)
             if data:
                 continue
             tail = decoder.decode(b"", final=True)

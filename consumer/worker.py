@@ -48,6 +48,7 @@ from process_unit.runner import run_job
 from process_unit.sandbox import TOKEN_VAR
 from shared.errors import ConfigError, DecodeError, LabqError
 from shared.lifecycle import Outcome, State
+from shared.hardening import protect_process
 from shared.logs import setup_logging
 from shared.messages import (
     SEQ_PER_ATTEMPT,
@@ -518,6 +519,7 @@ class Worker:
 def run(settings: Settings) -> int:
     """``labq worker``: run until SIGTERM/SIGINT; returns the process exit code."""
     setup_logging("worker", settings.log_level)
+    protect_process()
     # pika logs every failed connection attempt at ERROR with a traceback; our own
     # backoff warnings say the same in one line.
     for name in ("pika.adapters.utils.connection_workflow",

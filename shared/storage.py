@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 import uuid
@@ -115,6 +116,27 @@ class Storage:
 
     def attempts_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "attempts.log"
+
+    def open_job_file(self, job_id: str, name: str) -> IO[bytes] | None:
+        """Open a job's file for reading, or None when it does not exist (yet).
+
+        Jobs run with write access to their own folder, so a job could swap its log for
+        a symlink to a secret of the host that serves it: neither the job folder nor the
+        file may be a symlink, and only a regular file is served.
+        """
+        folder = self.job_dir(job_id)
+        try:
+            if stat.S_ISLNK(os.lstat(folder).st_mode):
+                raise NotFoundError(f"job {job_id}'s folder is not a real folder")
+            fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # ELOOP: the file is a symlink
+            raise NotFoundError(f"job {job_id}'s {name} is not a regular file") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotFoundError(f"job {job_id}'s {name} is not a regular file")
+        return os.fdopen(fd, "rb")
 
     # -- records --------------------------------------------------------------
     def write_outcome(self, job_id: str, record: dict[str, Any]) -> None:

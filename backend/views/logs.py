@@ -40,21 +40,23 @@ def show(job_id: str) -> Response:
     svc.registry.get(job_id)  # 404 for an unknown job
     offset = _offset()
     path = svc.storage.log_path(job_id)
+    opened = svc.storage.open_job_file(job_id, path.name)  # 404 if it is not a real file
     if wants_stream():
+        if opened is not None:
+            opened.close()
         resp = Response(stream_with_context(log_stream(svc, job_id, offset)),
                         mimetype="text/event-stream")
         resp.headers["Cache-Control"] = "no-cache"
         resp.headers["X-Accel-Buffering"] = "no"
         return resp
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        size = 0
+    size = os.fstat(opened.fileno()).st_size if opened is not None else 0
 
     def body() -> Iterator[bytes]:
-        if offset >= size:
+        if opened is None:
             return
-        with open(path, "rb") as handle:
+        with opened as handle:
+            if offset >= size:
+                return
             handle.seek(offset)
             left = size - offset
             while left > 0 and (chunk := handle.read(min(CHUNK, left))):

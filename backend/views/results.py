@@ -29,16 +29,16 @@ def _no_results(job: dict) -> NotFoundError:
 def archive(job_id: str) -> Response:
     svc = services()
     job = svc.registry.get(job_id)
-    path = svc.storage.results_zip(job_id)
-    if not path.is_file() or path.is_symlink():
+    handle = svc.storage.open_job_file(job_id, svc.storage.results_zip(job_id).name)
+    if handle is None:
         raise _no_results(job)
-    return send_file(path, mimetype="application/zip", as_attachment=True,
+    return send_file(handle, mimetype="application/zip", as_attachment=True,
                      download_name=f"{job['name']}-{job_id[:8]}-results.zip", max_age=0)
 
 
 def _results_dir(job: dict) -> Path:
     folder = services().storage.results_dir(job["id"])
-    if folder.is_symlink() or not folder.is_dir():
+    if folder.parent.is_symlink() or folder.is_symlink() or not folder.is_dir():
         raise _no_results(job)
     return folder
 
@@ -84,4 +84,9 @@ def one_file(job_id: str, subpath: str) -> Response:
     except OSError:
         raise missing from None
     handle = os.fdopen(fd, "rb")
-    return send_file(handle, as_attachment=False, download_name=parts[-1], max_age=0)
+    resp = send_file(handle, as_attachment=False, download_name=parts[-1], max_age=0)
+    # Files a job wrote are shown inline (plots, text) but never run as part of labq's
+    # origin: an output/report.html must not be able to call the API as the viewer.
+    resp.headers["Content-Security-Policy"] = "sandbox"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp

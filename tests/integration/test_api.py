@@ -296,3 +296,38 @@ def test_api_keeps_answering_while_many_streams_are_open(api):
     finally:
         for resp in streams:
             resp.close()
+
+
+def test_a_job_cannot_turn_its_log_or_results_into_a_window_on_the_host(api, tmp_path):
+    # Given a job whose folder a malicious script rearranged: its log is a symlink to a
+    # secret of the backend host, and its results folder is a symlink to elsewhere
+    secret = tmp_path / "secret.txt"
+    secret.write_text("S3CRET")
+    job = api.submit({"code.py": ""})
+    folder = api.data_dir / "jobs" / job["id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.txt").symlink_to(secret)
+    (folder / "results.zip").symlink_to(secret)
+    (folder / "results").symlink_to(tmp_path)
+    # Then no route serves what the links point at
+    for path in ("log", "log?follow=1", "results", "results/files",
+                 "results/files/secret.txt"):
+        resp = requests.get(api.api(f"/api/v1/jobs/{job['id']}/{path}"), timeout=10,
+                            headers={"Accept": "text/event-stream"} if "follow" in path else {})
+        assert "S3CRET" not in resp.text, path
+        assert resp.status_code == 404, (path, resp.status_code, resp.text[:200])
+
+
+def test_result_files_are_shown_inline_but_sandboxed(api):
+    # Given a stopped job whose output/ holds an HTML page (results written as a worker
+    # would: the results folder under the job's folder)
+    job = api.submit({"code.py": ""})
+    results = api.data_dir / "jobs" / job["id"] / "results"
+    results.mkdir(parents=True)
+    (results / "report.html").write_text("<script>fetch('/api/v1/jobs')</script>")
+    resp = requests.get(api.api(f"/api/v1/jobs/{job['id']}/results/files/report.html"),
+                        timeout=10)
+    # Then it is served, but its scripts cannot act as labq's origin
+    assert resp.status_code == 200
+    assert resp.headers["Content-Security-Policy"] == "sandbox"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
