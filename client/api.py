@@ -332,11 +332,14 @@ class Client:
         if resp is not None and resp.headers.get("Content-Type", "").startswith(
                 "text/event-stream"):
             try:
-                for event, data in iter_sse(resp):
+                for event, data, last_id in iter_sse(resp):
                     if event == "end":
                         return
                     if event in ("message", "log") and data:
-                        received += len(data.encode("utf-8"))
+                        # The server's id is the byte offset reached; counting the text
+                        # ourselves would drift (it turns \r\n into \n, bad bytes into U+FFFD).
+                        received = int(last_id) if last_id and last_id.isdigit() else \
+                            received + len(data.encode("utf-8"))
                         yield data
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
                 pass  # the stream broke: go on by polling from where we are
@@ -394,9 +397,10 @@ def _raw_chunks(resp: requests.Response) -> Iterator[bytes]:
         yield from resp.iter_content(1)
 
 
-def iter_sse(resp: requests.Response) -> Iterator[tuple[str, str]]:
-    """Parse a text/event-stream response into (event, data) pairs (WHATWG rules)."""
-    event, data_lines = "message", []
+def iter_sse(resp: requests.Response) -> Iterator[tuple[str, str, str | None]]:
+    """Parse a text/event-stream response into (event, data, last event id) triples
+    (WHATWG rules: the last id seen stays in force until another one comes)."""
+    event, data_lines, last_id = "message", [], None
     buffer = b""
     for chunk in _raw_chunks(resp):
         buffer += chunk
@@ -405,7 +409,7 @@ def iter_sse(resp: requests.Response) -> Iterator[tuple[str, str]]:
             line = raw.removesuffix(b"\r").decode("utf-8", errors="replace")
             if line == "":
                 if data_lines or event != "message":
-                    yield event, "\n".join(data_lines)
+                    yield event, "\n".join(data_lines), last_id
                 event, data_lines = "message", []
                 continue
             if line.startswith(":"):
@@ -416,8 +420,10 @@ def iter_sse(resp: requests.Response) -> Iterator[tuple[str, str]]:
                 event = value or "message"
             elif name == "data":
                 data_lines.append(value)
+            elif name == "id" and "\0" not in value:
+                last_id = value
     if data_lines:
-        yield event, "\n".join(data_lines)
+        yield event, "\n".join(data_lines), last_id
 
 
 def _error_from(resp: requests.Response) -> ClientError:

@@ -47,8 +47,8 @@ from process_unit.envcache import EnvCache
 from process_unit.runner import run_job
 from process_unit.sandbox import TOKEN_VAR
 from shared.errors import ConfigError, DecodeError, LabqError
-from shared.lifecycle import Outcome, State
 from shared.hardening import protect_process
+from shared.lifecycle import Outcome, State
 from shared.logs import setup_logging
 from shared.messages import (
     SEQ_PER_ATTEMPT,
@@ -154,7 +154,10 @@ class Worker:
 
     # -- connection -------------------------------------------------------------
     def _give_up(self, _state: RetryCallState) -> bool:
-        return self.stopping and self.current is None
+        # Events still unsent (the put-back "queued", a final state) are worth waiting
+        # for, but only within the shutdown grace: an absent broker must not hang us.
+        return self.stopping and self.current is None and (
+            not self._outbox or time.monotonic() >= self.shutdown_deadline)
 
     def _sleep(self, seconds: float) -> None:
         # Keep supervising the job (and shutdown) while the broker is away.
@@ -232,8 +235,10 @@ class Worker:
             if self.current is None and self.parked is None:
                 if self.stopping:
                     self._flush()
-                    return True
-                self._consume()
+                    if self._give_up(None):  # type: ignore[arg-type]
+                        return True
+                else:
+                    self._consume()
             assert self.conn is not None
             self.conn.process_data_events(time_limit=TICK_S)
             if not self.channel.is_open:

@@ -848,6 +848,10 @@
       if (resp.status === 404) return false;
       if (!resp.ok) throw new Error(`log: HTTP ${resp.status}`);
       appendLog(await resp.text());
+      // The body is bytes offset..X-Log-Size: trust the server's count, not the decoded
+      // text's (invalid UTF-8 becomes U+FFFD, whose length differs).
+      const header = resp.headers.get("X-Log-Size");
+      if (header !== null && /^\d+$/.test(header)) received = Math.max(Number(header), 0);
       return true;
     }
 

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,42 @@ def normalize_requirements(text: str) -> str:
         if line and not line.startswith("#"):
             lines.add(line)
     return "\n".join(sorted(lines))
+
+
+_INCLUDE = re.compile(r"^(-r|-c|--requirement|--constraint)(\s*=?\s*)(\S+)")
+_LOCAL = re.compile(r"^(\.{1,2}/|/|file:)")
+
+
+def referenced_files(requirements: Path, _seen: set[Path] | None = None) -> list[Path]:
+    """Project files a requirements file pulls in: ``-r``/``-c`` includes (recursively)
+    and local wheels or folders. Their content must be part of the cache key, or two
+    projects with the same ``-r base.txt`` line would share one environment."""
+    seen = _seen if _seen is not None else {requirements.resolve()}
+    found: list[Path] = []
+    base = requirements.parent
+    for raw in requirements.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        include = _INCLUDE.match(line)
+        target = include.group(3) if include else (line if _LOCAL.match(line) else None)
+        if target is None:
+            continue
+        path = (base / target.removeprefix("file:").split("#", 1)[0]).resolve()
+        if path in seen or not path.exists():
+            continue
+        seen.add(path)
+        found.append(path)
+        if include and path.is_file():
+            found.extend(referenced_files(path, seen))
+    return found
+
+
+def _content_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 @lru_cache(maxsize=8)
@@ -94,10 +131,12 @@ class EnvCache:
         self.python = settings.job_python or sys.executable
         self.uv_cache = self.storage.root / "uv-cache"
 
-    def key(self, requirements: str) -> str:
+    def key(self, requirements: str, included: list[Path] | None = None) -> str:
         material = normalize_requirements(requirements) + "\n--\n" + interpreter_identity(
             self.python
         )
+        for path in included or []:
+            material += f"\n{path.name}:{_content_digest(path)}"
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _lock_path(self, key: str) -> Path:
@@ -112,7 +151,7 @@ class EnvCache:
         """
         text = requirements.read_text(encoding="utf-8", errors="replace") if requirements else ""
         self.root.mkdir(parents=True, exist_ok=True)
-        key = self.key(text)
+        key = self.key(text, referenced_files(requirements) if requirements else None)
         env = self.root / key
         built = False
         with open(self._lock_path(key), "a+b") as lock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -93,6 +94,8 @@ def _members(
     zf: zipfile.ZipFile, limits: BundleLimits
 ) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
     members: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+    files: set[PurePosixPath] = set()
+    folders: set[PurePosixPath] = set()
     total = 0
     for info in zf.infolist():
         path = _member_path(info)
@@ -100,6 +103,12 @@ def _members(
             continue
         if info.is_dir():
             continue
+        if path in folders or any(parent in files for parent in path.parents):
+            raise BundleError(
+                f"{info.filename!r} is both a file and a folder in the zip; rename one of them"
+            )
+        files.add(path)
+        folders.update(path.parents)
         members.append((info, path))
         if len(members) > limits.max_files:
             raise BundleTooLargeError(
@@ -156,15 +165,19 @@ def inspect_bundle(
         prefix = PurePosixPath(root) if root else PurePosixPath()
         manifest: dict[str, Any] = {}
         manifest_path = prefix / MANIFEST_NAME
-        if manifest_path in paths:
-            info = next(i for i, p in members if p == manifest_path)
-            if info.file_size > 64 * 1024:
-                raise ManifestError("labq.toml is larger than 64 KiB", field="labq.toml")
-            manifest = parse_manifest(zf.read(info))
         try:
+            if manifest_path in paths:
+                info = next(i for i, p in members if p == manifest_path)
+                if info.file_size > 64 * 1024:
+                    raise ManifestError("labq.toml is larger than 64 KiB", field="labq.toml")
+                manifest = parse_manifest(zf.read(info))
             if zf.testzip() is not None:
                 raise BundleError("the zip is damaged (a file fails its checksum); zip it again")
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+        except RuntimeError as exc:  # zipfile's word for "encrypted"
+            raise BundleError(
+                "the zip is password-protected; zip it again without a password"
+            ) from exc
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as exc:
             raise BundleError(f"the zip cannot be read ({exc}); zip it again") from exc
     data = {**manifest, **(overrides or {})}
     entrypoint = data.get("entrypoint")
@@ -243,7 +256,8 @@ def zip_folder(folder: Path, dest: Path, max_bytes: int = 0) -> int:
     """
     total = 0
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        if folder.is_dir():
+        # A job may replace output/ itself by a symlink to somewhere else: take nothing.
+        if folder.is_dir() and not folder.is_symlink():
             for file in sorted(folder.rglob("*")):
                 if file.is_symlink() or not file.is_file():
                     continue

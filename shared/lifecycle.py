@@ -144,19 +144,23 @@ def plan_user_request(
             allowed=user_allowed_targets(state),
         )
     pending_state = State(pending) if pending else None
-    # Already there, or already on the way there: repeating a request is harmless.
-    if wanted in (state, pending_state):
-        return UserRequest(Decision.NOOP, wanted)
-    if wanted == State.STARTED and state in (State.CREATED, State.QUEUED, State.INITIALIZED):
-        return UserRequest(Decision.NOOP, wanted)  # it starts by itself
-    if wanted == State.STOPPED and state == State.COMPLETED:
-        return UserRequest(Decision.NOOP, wanted)  # results are being stored; stops next
     if pending_state == State.STOPPED and wanted != State.STOPPED:
         raise ConflictError(
             f"the job is being stopped; it cannot be {wanted} any more",
             state=str(state),
             allowed=[str(State.STOPPED)],
         )
+    # Already on the way there, or there with nothing else pending: harmless repeats.
+    if wanted == pending_state or (wanted == state and pending_state in (None, state)):
+        return UserRequest(Decision.NOOP, wanted)
+    if wanted == state:
+        # Paused then resumed (or the reverse) before the worker answered: the opposite
+        # request is on its way, so this one must be sent too, or it would be lost.
+        return UserRequest(Decision.APPLY, wanted)
+    if wanted == State.STARTED and state in (State.CREATED, State.QUEUED, State.INITIALIZED):
+        return UserRequest(Decision.NOOP, wanted)  # it starts by itself
+    if wanted == State.STOPPED and state == State.COMPLETED:
+        return UserRequest(Decision.NOOP, wanted)  # results are being stored; stops next
     if wanted in TRANSITIONS[state]:
         return UserRequest(Decision.APPLY, wanted)
     allowed = user_allowed_targets(state)

@@ -171,3 +171,48 @@ def test_zip_folder_skips_symlinks_and_enforces_the_size(tmp_path):
         assert zf.namelist() == ["a.txt"]
     with pytest.raises(BundleTooLargeError):
         zip_folder(out, tmp_path / "r2.zip", max_bytes=3)
+
+
+def test_a_password_protected_zip_is_a_400_that_says_so(tmp_path):
+    data = bytearray(_raw_zip([("proj/code.py", b""), ("proj/data.txt", b"x" * 100)]))
+    # Set the "encrypted" bit in every local and central header, as `zip -P` does
+    # (zipfile cannot write encrypted members itself).
+    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(signature)
+        while at != -1:
+            data[at + flag_offset] |= 0x1
+            at = data.find(signature, at + 4)
+    data = bytes(data)
+    with pytest.raises(BundleError, match="password") as err:
+        inspect_bundle(_write(tmp_path, data), SETTINGS)
+    assert err.value.status == 400
+
+
+def test_corrupt_compressed_data_is_a_400(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("proj/code.py", "print('hello')\n" * 200)
+    data = bytearray(buf.getvalue())
+    start = data.index(b"proj/code.py") + len("proj/code.py")
+    data[start + 5:start + 25] = b"\xff" * 20  # scramble the deflate stream
+    with pytest.raises(BundleError) as err:
+        inspect_bundle(_write(tmp_path, bytes(data)), SETTINGS)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize("order", [("proj/data", "proj/data/a.csv"),
+                                   ("proj/data/a.csv", "proj/data")])
+def test_a_path_that_is_both_a_file_and_a_folder_is_refused_at_upload(tmp_path, order):
+    data = _raw_zip([("proj/code.py", b""), *((name, b"x") for name in order)])
+    with pytest.raises(BundleError, match="both a file and a folder"):
+        inspect_bundle(_write(tmp_path, data), SETTINGS)
+
+
+def test_an_output_folder_replaced_by_a_symlink_gives_no_results(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.txt").write_text("S3CRET")
+    (tmp_path / "output").symlink_to(elsewhere)
+    assert zip_folder(tmp_path / "output", tmp_path / "r.zip") == 0
+    with zipfile.ZipFile(tmp_path / "r.zip") as zf:
+        assert zf.namelist() == []

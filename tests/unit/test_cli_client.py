@@ -199,8 +199,8 @@ def test_iter_sse_joins_data_lines_and_sees_the_end():
     resp = requests.Response()
     resp.raw = _Raw([b": keepalive\n\nda", b"ta: line 1\ndata: line 2\ndata: \n\n",
                      b"id: 7\r\ndata: x\r\n\r\n", b"event: end\ndata: {}\n\n"])
-    assert list(iter_sse(resp)) == [("message", "line 1\nline 2\n"), ("message", "x"),
-                                    ("end", "{}")]
+    assert list(iter_sse(resp)) == [("message", "line 1\nline 2\n", None),
+                                    ("message", "x", "7"), ("end", "{}", "7")]
 
 
 def _response(status: int, body: bytes, content_type: str = "application/json"

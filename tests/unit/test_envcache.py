@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from process_unit.envcache import EnvCache, normalize_requirements
+from process_unit.envcache import EnvCache, normalize_requirements, referenced_files
 from shared.errors import EnvironmentBuildError
 from shared.settings import Settings
 
@@ -124,3 +124,30 @@ def test_least_recently_used_envs_are_evicted(tmp_path, settings):
             pass
         with cache.acquire(reqs(tmp_path, "labqdemo\n"), log) as second:
             assert not first.exists() and second.exists()
+
+
+def test_included_requirement_files_are_part_of_the_cache_key(tmp_path, settings):
+    # Given two projects whose requirements.txt are the same line, "-r base.txt",
+    # but whose base.txt differ
+    cache = EnvCache(settings)
+    keys = []
+    for name, base in (("a", "numpy==1.0\n"), ("b", "numpy==2.0\n"), ("c", "numpy==1.0\n")):
+        project = tmp_path / name
+        project.mkdir()
+        (project / "base.txt").write_text(base)
+        (project / "requirements.txt").write_text("-r base.txt\n")
+        text = (project / "requirements.txt").read_text()
+        keys.append(cache.key(text, referenced_files(project / "requirements.txt")))
+    # Then they get different environments, and the same content gets the same one
+    assert keys[0] != keys[1]
+    assert keys[0] == keys[2]
+
+
+def test_local_wheels_and_nested_includes_are_found(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "pkg-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    (tmp_path / "more.txt").write_text("-c pins.txt\n./wheels/pkg-1.0-py3-none-any.whl\n")
+    (tmp_path / "pins.txt").write_text("six==1.16\n")
+    (tmp_path / "requirements.txt").write_text("-r more.txt\nrequests\n")
+    found = {p.name for p in referenced_files(tmp_path / "requirements.txt")}
+    assert found == {"more.txt", "pins.txt", "pkg-1.0-py3-none-any.whl"}

@@ -63,6 +63,15 @@ def test_user_requests_that_must_be_carried_out(current, target):
 
 
 @pytest.mark.parametrize("current,target,pending", [
+    (S.STARTED, S.STARTED, S.PAUSED), (S.PAUSED, S.PAUSED, S.STARTED),
+])
+def test_undoing_a_request_the_worker_has_not_answered_yet_is_sent(current, target, pending):
+    # Given a pause on its way to a running job, When the user resumes at once,
+    # Then the resume is sent too (a no-op would leave the job paused for good).
+    assert plan_user_request(current, target, pending).decision == Decision.APPLY
+
+
+@pytest.mark.parametrize("current,target,pending", [
     (S.PAUSED, S.PAUSED, None), (S.STARTED, S.STARTED, None), (S.STOPPED, S.STOPPED, None),
     (S.QUEUED, S.STARTED, None), (S.COMPLETED, S.STOPPED, None),
     (S.STARTED, S.STOPPED, S.STOPPED), (S.STARTED, S.PAUSED, S.PAUSED),
