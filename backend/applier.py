@@ -18,7 +18,7 @@ from backend.registry import Registry
 from shared.errors import DecodeError
 from shared.messages import LifecycleEvent, decode_event
 from shared.settings import Settings
-from shared.topology import Topology, connect
+from shared.topology import Topology, close_quietly, connect
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,7 @@ class EventApplier(threading.Thread):
                 conn.process_data_events(time_limit=0.5)
         finally:
             self.connected.clear()
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:  # noqa: BLE001 - the connection may already be broken
-                log.debug("closing the applier connection failed", exc_info=True)
+            close_quietly(conn)
 
     def _on_message(self, channel: Any, method: Any, _props: Any, body: bytes) -> None:
         try:

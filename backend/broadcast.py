@@ -16,7 +16,7 @@ from backend.reconnect import run_forever
 from shared.errors import DecodeError
 from shared.messages import StatusEvent
 from shared.settings import Settings
-from shared.topology import Topology, connect
+from shared.topology import Topology, close_quietly, connect
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,7 @@ class StatusBroadcaster(threading.Thread):
             while not self.stop_event.is_set():
                 conn.process_data_events(time_limit=0.5)
         finally:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:  # noqa: BLE001 - the connection may already be broken
-                log.debug("closing the status connection failed", exc_info=True)
+            close_quietly(conn)
 
     def _on_message(self, _channel: Any, _method: Any, _props: Any, body: bytes) -> None:
         try:

@@ -20,7 +20,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from shared.errors import BrokerUnavailableError, LabqError
 from shared.settings import Settings
-from shared.topology import PERSISTENT, TRANSIENT, Topology, connect
+from shared.topology import PERSISTENT, TRANSIENT, Topology, close_quietly, connect
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Publisher:
             channel.confirm_delivery()
             self.topology.declare_all(channel)
         except BaseException:
-            _close_quietly(conn)
+            close_quietly(conn)
             raise
         self._conn, self._channel = conn, channel
         log.info("publisher connected to RabbitMQ")
@@ -86,7 +86,7 @@ class Publisher:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            _close_quietly(self._conn)
+            close_quietly(self._conn)
         self._conn, self._channel = None, None
 
     # -- API ------------------------------------------------------------------
@@ -160,11 +160,3 @@ class Publisher:
     def close(self) -> None:
         with self._lock:
             self._drop()
-
-
-def _close_quietly(conn: pika.BlockingConnection) -> None:
-    try:
-        if conn.is_open:
-            conn.close()
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
-        log.debug("closing a broken connection failed", exc_info=True)

@@ -15,11 +15,14 @@ what it uses at every (re)connect, in any start order.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pika
 
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PERSISTENT = pika.DeliveryMode.Persistent
 TRANSIENT = pika.DeliveryMode.Transient
@@ -108,3 +111,12 @@ def connection_parameters(settings: Settings, name: str) -> pika.URLParameters:
 
 def connect(settings: Settings, name: str) -> pika.BlockingConnection:
     return pika.BlockingConnection(connection_parameters(settings, name))
+
+
+def close_quietly(conn: pika.BlockingConnection) -> None:
+    """Close a connection that may already be broken (closing it then may fail any way)."""
+    try:
+        if conn.is_open:
+            conn.close()
+    except Exception:  # noqa: BLE001
+        log.debug("closing a broken connection failed", exc_info=True)

@@ -55,6 +55,15 @@ def write_zip(path: Path, files: dict[str, str | bytes], root: str | None = "pro
     return path
 
 
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (read from /proc, not from labq)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
                message: str = "condition") -> Any:
     deadline = time.monotonic() + timeout

@@ -308,13 +308,6 @@ def assert_one_outcome(system: LabqSystem, fault_dir: Path, job: dict[str, Any],
 
 
 # -- processes --------------------------------------------------------------------------
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def parent_of(pid: int) -> int:

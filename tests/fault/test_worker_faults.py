@@ -24,7 +24,6 @@ from faultkit import (
     job_message,
     live_workers,
     main_records,
-    pid_alive,
     probe_bundle,
     publish_job_raw,
     queue_depth,
@@ -33,7 +32,7 @@ from faultkit import (
     wait_running,
     worker_running,
 )
-from helpers import LabqSystem, wait_until
+from helpers import LabqSystem, pid_alive, wait_until
 
 from shared.errors import DecodeError
 from shared.messages import JobMessage

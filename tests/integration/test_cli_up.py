@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import RABBITMQ_URL, REPO, delete_topology, free_port, unique_prefix, wait_until
+from helpers import (
+    RABBITMQ_URL,
+    REPO,
+    delete_topology,
+    free_port,
+    pid_alive,
+    unique_prefix,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +40,6 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 class Up:
@@ -115,7 +117,7 @@ def test_up_runs_jobs_reports_a_dead_worker_and_stops_cleanly(broker, tmp_path):
         up.proc.send_signal(signal.SIGTERM)
         assert up.proc.wait(timeout=60) == 0, up.output
         time.sleep(0.2)
-        assert not [k for k in kids if alive(k)], up.output
+        assert not [k for k in kids if pid_alive(k)], up.output
     finally:
         up.close()
 

@@ -6,7 +6,7 @@ import time
 import uuid
 
 import pytest
-from helpers import wait_until
+from helpers import pid_alive, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +41,6 @@ def _count(path) -> int:
         return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_pause_freezes_and_resume_continues_then_stop(system):
@@ -79,11 +73,11 @@ def test_stop_kills_a_grandchild_that_left_the_session(system):
     system.wait_for_state(job["id"], "started")
     wait_until(lambda: pidfile.exists() and pidfile.read_text(), message="grandchild")
     pid = int(pidfile.read_text())
-    assert _alive(pid)
+    assert pid_alive(pid)
     assert system.set_state(job["id"], "stopped").status_code == 200
     done = system.wait_done(job["id"], timeout=30)
     assert done["outcome"] == "cancelled"
-    wait_until(lambda: not _alive(pid), timeout=10, message=f"grandchild {pid} to die")
+    wait_until(lambda: not pid_alive(pid), timeout=10, message=f"grandchild {pid} to die")
 
 
 def test_stop_of_a_queued_job_never_runs_it(system):

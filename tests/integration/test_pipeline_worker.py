@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pika
 import pytest
-from helpers import RABBITMQ_URL, REPO, delete_topology, unique_prefix, wait_until
+from helpers import RABBITMQ_URL, REPO, delete_topology, pid_alive, unique_prefix, wait_until
 
 from shared.messages import JobMessage, decode_event
 from shared.storage import Storage, new_job_id, sha256_of
@@ -228,12 +228,6 @@ print('finished attempt', attempt)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_sigkilled_worker_takes_its_job_tree_down_and_the_job_is_retried(workers, tmp_path):
@@ -248,10 +242,10 @@ def test_sigkilled_worker_takes_its_job_tree_down_and_the_job_is_retried(workers
     victim.kill()
     victim.wait()
     # PR_SET_PDEATHSIG: the job's main process dies with its worker at once.
-    wait_until(lambda: not _alive(main_pid), timeout=5, message="job main process to die")
+    wait_until(lambda: not pid_alive(main_pid), timeout=5, message="job main process to die")
     # The next worker sweeps the orphaned grandchild and runs the job again (attempt 2).
     workers.start("w2")
-    wait_until(lambda: not _alive(grandchild), timeout=15, message="orphan to be swept")
+    wait_until(lambda: not pid_alive(grandchild), timeout=15, message="orphan to be swept")
     final = workers.wait_final(job.job_id)
     assert (final.outcome, final.attempt) == ("succeeded", 2)
     assert final.worker == workers.wname("w2")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import pid_alive
 
 from process_unit import proctree
 from process_unit.sandbox import TOKEN_VAR, build_command
@@ -52,9 +53,6 @@ def wait_for(predicate, timeout=10.0):
     raise AssertionError("timed out")
 
 
-def alive(pid: int) -> bool:
-    proc = proctree.read_proc(pid)
-    return proc is not None and proc.state not in ("Z", "X")
 
 
 COUNTER = """
@@ -114,7 +112,7 @@ def test_stop_kills_a_grandchild_that_left_the_session(tmp_path):
         t0 = time.monotonic()
         sup.kill(grace_s=2)
         assert time.monotonic() - t0 < 5
-        wait_for(lambda: not alive(grandchild))
+        wait_for(lambda: not pid_alive(grandchild))
         assert sup.wait() == -15
     finally:
         sup.kill_now()
