@@ -8,6 +8,10 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY . /app
+# bubblewrap and slirp4netns: the job sandbox (workers run with LABQ_SANDBOX=required).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends bubblewrap slirp4netns \
+ && rm -rf /var/lib/apt/lists/*
 RUN pip install '/app[postgres]' \
  && useradd --create-home --uid 1000 labq \
  && mkdir -p /data \

@@ -45,6 +45,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/labq broker-check
 	$(BIN)/python bench/load.py $(BENCH_ARGS)
+	$(BIN)/python bench/auth_get.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache build dist

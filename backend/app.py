@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 
-from backend.errors import register_error_handlers
-from backend.openapi import build_spec
-from backend.services import Services
-from backend.uploads import LabqRequest, cleanup_uploads
-from backend.views import events, health, jobs, logs, nrp, pages, results
-from shared.settings import Settings
+from labq.backend import auth, websecurity
+from labq.backend.accounts import ensure_admin
+from labq.backend.errors import register_error_handlers
+from labq.backend.openapi import build_spec
+from labq.backend.openapi_research import extend as extend_spec
+from labq.backend.services import Services
+from labq.backend.shortids import expand_job_id
+from labq.backend.uploads import LabqRequest, cleanup_uploads
+from labq.backend.views import (
+    account,
+    events,
+    groups,
+    health,
+    jobs,
+    logs,
+    nrp,
+    pages,
+    receipts,
+    results,
+)
+from labq.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +42,27 @@ def create_app(settings: Settings | None = None, start_background: bool = False)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     svc = Services.build(settings)
     app.extensions["labq"] = svc
-    for blueprint in (jobs.bp, logs.bp, results.bp, events.bp, health.bp, nrp.bp, pages.bp):
+    ensure_admin(svc.engine, settings.data_dir)
+    websecurity.install(app, settings)  # host allow-list first, then who is asking
+    auth.install(app)
+    for blueprint in (jobs.bp, logs.bp, results.bp, events.bp, health.bp, nrp.bp, pages.bp,
+                      account.bp):
         app.register_blueprint(blueprint)
-    spec = build_spec()
+    for blueprint in (receipts.bp, groups.bp):
+        app.register_blueprint(blueprint)
+    spec = extend_spec(build_spec())
+
+    @app.before_request
+    def _short_ids() -> None:
+        # Registered after auth.install, so the caller is known: a prefix is resolved
+        # among the jobs the caller may see (admins: all), never revealing others' ids.
+        values = request.view_args
+        if values and "job_id" in values and request.endpoint \
+                and not request.endpoint.startswith("pages."):
+            identity = g.get("identity")
+            if identity is not None:
+                expand_job_id(svc.engine, request.endpoint, values,
+                              None if identity.is_admin else identity.name)
 
     @app.get("/api/v1/openapi.json")
     def openapi() -> Response:

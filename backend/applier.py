@@ -12,13 +12,15 @@ import logging
 import threading
 from typing import Any
 
-from backend.hub import Hub
-from backend.reconnect import run_forever
-from backend.registry import Registry
-from shared.errors import DecodeError
-from shared.messages import LifecycleEvent, decode_event
-from shared.settings import Settings
-from shared.topology import Topology, close_quietly, connect
+from labq.backend.hub import Hub
+from labq.backend.notify import Notifier
+from labq.backend.reconnect import run_forever
+from labq.backend.registry import Registry, job_to_json
+from labq.shared.errors import DecodeError
+from labq.shared.lifecycle import is_terminal
+from labq.shared.messages import LifecycleEvent, decode_event
+from labq.shared.settings import Settings
+from labq.shared.topology import Topology, close_quietly, connect
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,13 @@ PREFETCH = 50
 
 class EventApplier(threading.Thread):
     def __init__(self, settings: Settings, registry: Registry, hub: Hub,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, notifier: Notifier | None = None) -> None:
         super().__init__(name="labq-applier", daemon=True)
         self.settings = settings
         self.registry = registry
         self.hub = hub
         self.stop_event = stop
+        self.notifier = notifier
         self.topology = Topology.from_settings(settings)
         self.connected = threading.Event()
 
@@ -64,4 +67,6 @@ class EventApplier(threading.Thread):
         # A database error propagates: the session ends unacked and the event comes back.
         if isinstance(event, LifecycleEvent) and self.registry.apply_event(event):
             self.hub.publish("wake")
+            if self.notifier is not None and is_terminal(event.state):
+                self.notifier.job_ended(job_to_json(self.registry.get(event.job_id)))
         channel.basic_ack(method.delivery_tag)

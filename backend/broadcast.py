@@ -11,12 +11,12 @@ import logging
 import threading
 from typing import Any
 
-from backend.hub import Hub
-from backend.reconnect import run_forever
-from shared.errors import DecodeError
-from shared.messages import StatusEvent
-from shared.settings import Settings
-from shared.topology import Topology, close_quietly, connect
+from labq.backend.hub import Hub
+from labq.backend.reconnect import run_forever
+from labq.shared.errors import DecodeError
+from labq.shared.messages import StatusEvent
+from labq.shared.settings import Settings
+from labq.shared.topology import Topology, close_quietly, connect
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from flask import Flask, Response, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import LabqError
+from labq.shared.errors import LabqError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ def register_error_handlers(app: Flask) -> None:
         resp = error_response(exc.status, exc.code, exc.message, **exc.details)
         if exc.status == 503:
             resp.headers["Retry-After"] = "5"
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after:
+            resp.headers["Retry-After"] = str(retry_after)
+        if exc.status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="labq"'
         return resp
 
     @app.errorhandler(HTTPException)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.lifecycle import State
+from labq.shared.lifecycle import State
 
 JSON = "application/json"
 
@@ -18,9 +18,12 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "Bad request", 404: "Not found", 409: "Impossible state change",
-            413: "Too large", 422: "Invalid bundle or manifest", 503: "Broker or database down"}
-    return {str(c): {"$ref": f"#/components/responses/E{c}"} for c in codes if c in text}
+    text = {400: "Bad request", 401: "Not signed in", 403: "Forbidden", 404: "Not found",
+            409: "Impossible state change", 413: "Too large", 422: "Invalid bundle or manifest",
+            429: "Too many requests", 503: "Broker or database down"}
+    # Every authenticated route can answer 401 (no or bad token).
+    return {str(c): {"$ref": f"#/components/responses/E{c}"}
+            for c in (401, *codes) if c in text}
 
 
 JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -43,6 +46,8 @@ LIST_PARAMS = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                 "maximum": 500}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    {"name": "owner", "in": "query", "schema": {"type": "string"},
+     "description": "admins: only this user's jobs (others always see only their own)"},
 ]
 STATE_PUT = {"required": True, "content": {JSON: {"schema": {
     "type": "object", "required": ["state"],
@@ -56,7 +61,66 @@ def _submit(tag: str) -> dict[str, Any]:
             "parameters": [IDEMPOTENCY], "requestBody": UPLOAD,
             "responses": {"201": _json(_ref("Job"), "The new job"),
                           "200": _json(_ref("Job"), "The job this Idempotency-Key made"),
-                          **_errors(400, 413, 422)}}
+                          **_errors(400, 413, 422, 429)}}
+
+
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer",
+               "description": "an API token (`labq login`, `labq token create`, the account "
+                              "page, or `labq user add`)"},
+    "session": {"type": "apiKey", "in": "cookie", "name": "labq_session",
+                "description": "the web pages' session; state-changing requests must also "
+                               "send X-CSRF-Token (from GET /api/v1/me)"},
+    "basic": {"type": "http", "scheme": "basic",
+              "description": "user name and password, only to create a token"},
+}
+PUBLIC: list[dict[str, Any]] = []  # an operation anyone may call
+TOKEN_NAME = {"required": False, "content": {JSON: {"schema": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 100}}}}}}
+
+
+def _account_paths() -> dict[str, Any]:
+    me = {"type": "object", "properties": {
+        "name": {"type": "string"}, "admin": {"type": "boolean"},
+        "via": {"type": "string", "enum": ["token", "session"]},
+        "token_id": {"type": "integer", "nullable": True},
+        "csrf_token": {"type": "string", "nullable": True}}}
+    token = {"type": "object", "properties": {
+        "id": {"type": "integer"}, "name": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "last_used_at": {"type": "string", "format": "date-time", "nullable": True}}}
+    login = {"required": True, "content": {JSON: {"schema": {
+        "type": "object", "required": ["name", "password"],
+        "properties": {"name": {"type": "string"}, "password": {"type": "string"}}}}}}
+    return {
+        "/api/v1/me": {"get": {"tags": ["accounts"], "summary": "Who is asking",
+                               "responses": {"200": _json(me, "The caller"), **_errors()}}},
+        "/api/v1/tokens": {
+            "get": {"tags": ["accounts"], "summary": "The caller's live API tokens",
+                    "responses": {"200": _json({"type": "object", "properties": {
+                        "tokens": {"type": "array", "items": token}}}, "Tokens"),
+                        **_errors()}},
+            "post": {"tags": ["accounts"], "summary": "Make an API token (shown once)",
+                     "security": [{"bearer": []}, {"session": []}, {"basic": []}],
+                     "requestBody": TOKEN_NAME,
+                     "responses": {"201": _json({"type": "object", "properties": {
+                         "id": {"type": "integer"}, "name": {"type": "string"},
+                         "token": {"type": "string"}, "user": {"type": "string"}}},
+                         "The new token"), **_errors(429)}}},
+        "/api/v1/tokens/{token_id}": {"delete": {
+            "tags": ["accounts"], "summary": "Revoke one of the caller's tokens",
+            "parameters": [{"name": "token_id", "in": "path", "required": True,
+                            "schema": {"type": "integer"}}],
+            "responses": {"204": {"description": "Revoked"}, **_errors(404)}}},
+        "/login": {"post": {
+            "tags": ["accounts"], "summary": "Sign a browser in (sets the session cookie)",
+            "security": PUBLIC, "requestBody": login,
+            "responses": {"200": _json(me, "Signed in"), **_errors(400, 403, 429)}}},
+        "/logout": {"post": {"tags": ["accounts"], "summary": "Sign the browser out",
+                             "security": [{"session": []}],
+                             "responses": {"204": {"description": "Signed out"},
+                                           **_errors(403)}}},
+    }
 
 
 def build_spec() -> dict[str, Any]:
@@ -66,7 +130,12 @@ def build_spec() -> dict[str, Any]:
         "type": "object",
         "properties": {
             "id": {"type": "string"}, "name": {"type": "string"},
+            "owner": {"type": "string", "nullable": True,
+                      "description": "the user who submitted it"},
             "state": {"type": "string", "enum": [s.value for s in State]},
+            "hold_reason": {"type": "string", "nullable": True,
+                            "description": "why fair share keeps this created job off the "
+                                           "queue for now"},
             "requested_state": {"type": "string", "nullable": True},
             "outcome": {"type": "string", "nullable": True,
                         "enum": ["succeeded", "error", "timeout", "cancelled", "failed", None]},
@@ -120,7 +189,7 @@ def build_spec() -> dict[str, Any]:
                                   "content": {"text/plain": {"schema": {"type": "string"}},
                                               "text/event-stream": {
                                                   "schema": {"type": "string"}}}},
-                          **_errors(400, 404)}}},
+                          **_errors(400, 404, 503)}}},
         "/api/v1/jobs/{id}/results": {"get": {
             "tags": ["results"], "summary": "Zip of the job's output/", "parameters": one,
             "responses": {"200": {"description": "zip", "content": {"application/zip": {
@@ -140,20 +209,27 @@ def build_spec() -> dict[str, Any]:
             "tags": ["events"], "summary": "Lifecycle (with ids) and status events",
             "parameters": [{"name": "Last-Event-ID", "in": "header",
                             "schema": {"type": "integer"}}],
-            "responses": {"200": SSE}}},
+            "responses": {"200": SSE, **_errors(400, 503)}}},
         "/api/v1/stats": {"get": {"tags": ["system"], "summary": "Queue depth and job counts",
                                   "responses": {"200": _json({"type": "object"}, "Stats")}}},
         "/api/v1/openapi.json": {"get": {"tags": ["system"], "summary": "This document",
+                                         "security": PUBLIC,
                                          "responses": {"200": _json({"type": "object"},
                                                                     "OpenAPI")}}},
         "/healthz": {"get": {"tags": ["system"], "summary": "Process alive",
+                             "security": PUBLIC,
                              "responses": {"200": _json({"type": "object"}, "alive")}}},
         "/readyz": {"get": {"tags": ["system"], "summary": "Database and broker reachable",
+                            "security": PUBLIC,
                             "responses": {"200": _json({"type": "object"}, "ready"),
-                                          **_errors(503)}}},
-        "/metrics": {"get": {"tags": ["system"], "summary": "Prometheus metrics",
+                                          "503": {"$ref": "#/components/responses/E503"}}}},
+        "/metrics": {"get": {"tags": ["system"],
+                             "summary": "Prometheus metrics (an admin's token: it counts "
+                                        "every user's jobs)",
+                             "security": [{"bearer": []}],
                              "responses": {"200": {"description": "text", "content": {
-                                 "text/plain": {"schema": {"type": "string"}}}}}}},
+                                 "text/plain": {"schema": {"type": "string"}}}},
+                                 **_errors(403)}}},
         "/simulation": {
             "post": _submit("nrp"),
             "get": {"tags": ["nrp"], "summary": "List jobs (NRP)", "parameters": LIST_PARAMS,
@@ -172,8 +248,13 @@ def build_spec() -> dict[str, Any]:
                                   **_errors(400, 404, 409, 503)}},
         },
     }
+    paths.update(_account_paths())
     responses = {f"E{c}": _json(_ref("Error"), d) for c, d in {
-        400: "Bad request", 404: "Not found", 409: "Impossible state change (names the "
+        400: "Bad request", 401: "No valid credentials (WWW-Authenticate: Bearer)",
+        403: "Not allowed: admins only, or a cookie-authenticated change without "
+             "X-CSRF-Token", 404: "Not found (also: another user's job)",
+        429: "Too many requests: wrong passwords, or the per-user job quota (Retry-After)",
+        409: "Impossible state change (names the "
         "current state and the allowed targets)", 413: "Too large",
         422: "Invalid bundle or manifest (names the field)",
         503: "Broker or database unavailable"}.items()}
@@ -184,5 +265,6 @@ def build_spec() -> dict[str, Any]:
                                 "experiment, control it, get its logs and output back."},
         "paths": paths,
         "components": {"schemas": {"Job": job, "State": state, "Error": error},
-                       "responses": responses},
+                       "responses": responses, "securitySchemes": SECURITY_SCHEMES},
+        "security": [{"bearer": []}, {"session": []}],
     }

@@ -17,15 +17,19 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from producer.control import WorkerUnreachableError, send_control
-from producer.jobs import insert_event
-from producer.publisher import Publisher
-from shared import db, lifecycle
-from shared.errors import BadRequestError, BrokerUnavailableError, NotFoundError
-from shared.lifecycle import Decision, Outcome, State
-from shared.manifest import JobSpec
-from shared.messages import LifecycleEvent
-from shared.storage import Storage, is_job_id, new_job_id
+from labq.backend.jobfields import extra_fields
+from labq.producer import fairshare
+from labq.producer.control import WorkerUnreachableError, send_control
+from labq.producer.jobs import insert_event
+from labq.producer.publisher import Publisher
+from labq.shared import db, lifecycle
+from labq.shared.durations import event_measures, timestamps_for
+from labq.shared.errors import BadRequestError, BrokerUnavailableError, NotFoundError
+from labq.shared.lifecycle import Decision, Outcome, State
+from labq.shared.manifest import JobSpec
+from labq.shared.messages import LifecycleEvent
+from labq.shared.settings import Settings
+from labq.shared.storage import Storage, is_job_id, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +40,11 @@ CONTROL_ACTIONS = {State.PAUSED: "pause", State.STARTED: "resume", State.STOPPED
 
 
 class Registry:
-    def __init__(self, engine: Engine, storage: Storage) -> None:
+    def __init__(self, engine: Engine, storage: Storage,
+                 settings: Settings | None = None) -> None:
         self.engine = engine
         self.storage = storage
+        self.settings = settings or Settings()
 
     # -- reading ----------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, Any]:
@@ -51,9 +57,9 @@ class Registry:
         return dict(row)
 
     def list(self, *, state: str | None = None, name: str | None = None,
-             limit: int | None = None, cursor: str | None = None
+             limit: int | None = None, cursor: str | None = None, owner: str | None = None
              ) -> tuple[list[dict[str, Any]], str | None]:
-        """Newest first, keyset-paginated on (created_at, id)."""
+        """Newest first, keyset-paginated on (created_at, id); ``owner`` None: everyone's."""
         limit = DEFAULT_LIMIT if limit is None else limit
         if not 1 <= limit <= MAX_LIMIT:
             raise BadRequestError(f"limit must be between 1 and {MAX_LIMIT}", field="limit")
@@ -67,6 +73,8 @@ class Registry:
                     f"{', '.join(s.value for s in State)}", field="state") from None
         if name:
             query = query.where(db.jobs.c.name == name)
+        if owner:
+            query = query.where(db.jobs.c.owner == owner)
         if cursor:
             created, last_id = _decode_cursor(cursor)
             query = query.where(or_(db.jobs.c.created_at < created,
@@ -80,34 +88,46 @@ class Registry:
         next_cursor = _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
         return rows, next_cursor
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, owner: str | None = None) -> dict[str, int]:
+        query = select(db.jobs.c.state, func.count()).group_by(db.jobs.c.state)
+        if owner:
+            query = query.where(db.jobs.c.owner == owner)
         with self.engine.connect() as conn:
-            found = dict(conn.execute(
-                select(db.jobs.c.state, func.count()).group_by(db.jobs.c.state)).all())
+            found = dict(conn.execute(query).all())
         return {s.value: int(found.get(s.value, 0)) for s in State}
 
-    def find_by_key(self, key: str) -> dict[str, Any] | None:
+    def find_by_key(self, key: str, owner: str | None) -> dict[str, Any] | None:
+        """The job ``owner`` submitted with this Idempotency-Key (keys are per user)."""
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(db.jobs).where(db.jobs.c.idempotency_key == key)).mappings().first()
+                select(db.jobs).where(db.jobs.c.idempotency_key == key,
+                                      db.jobs.c.owner == owner)).mappings().first()
         return dict(row) if row else None
 
     # -- creating ---------------------------------------------------------------
     def create(self, *, name: str, spec: JobSpec, bundle_sha256: str, bundle_bytes: int,
-               idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
-        """Insert a job in ``created`` (the outbox entry); returns (job, created_now)."""
+               idempotency_key: str | None = None, owner: str | None = None,
+               extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+        """Insert a job in ``created`` (the outbox entry); returns (job, created_now).
+
+        ``extra``: more columns set in the same insert (group_id, rerun_of, notify_url),
+        so the outbox relay never publishes the job without them. Fair share decides in
+        the same transaction: 429 past the owner's quota, or the job is held
+        (``hold_reason``) past their running limit.
+        """
         job_id = new_job_id()
         now = time.time()
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(db.jobs).values(
+                held = fairshare.admit(conn, owner, self.settings) if owner else None
+                conn.execute(insert(db.jobs).values(owner=owner, hold_reason=held,
                     id=job_id, name=name, state=State.CREATED, attempts=0, seq=0,
                     bundle_sha256=bundle_sha256, bundle_bytes=bundle_bytes,
                     spec=json.dumps(spec.to_dict()), idempotency_key=idempotency_key,
-                    created_at=now, updated_at=now))
+                    created_at=now, updated_at=now, **(extra or {})))
                 insert_event(conn, job_id=job_id, seq=0, state=State.CREATED, at=now)
         except IntegrityError:
-            existing = self.find_by_key(idempotency_key) if idempotency_key else None
+            existing = self.find_by_key(idempotency_key, owner) if idempotency_key else None
             if existing is None:
                 raise
             return existing, False
@@ -165,7 +185,8 @@ class Registry:
             ok = db.compare_and_set(
                 conn, job["id"], expected_state=job["state"], expected_seq=job["seq"],
                 target=State.STOPPED,
-                values={"seq": seq, "outcome": Outcome.CANCELLED, "requested_state": None})
+                values={"seq": seq, "outcome": Outcome.CANCELLED, "requested_state": None,
+                        "hold_reason": None})
             if ok:
                 insert_event(conn, job_id=job["id"], seq=seq, state=State.STOPPED,
                              outcome=Outcome.CANCELLED, attempt=job["attempts"])
@@ -222,8 +243,8 @@ class Registry:
             if job["requested_state"] == target or target == State.QUEUED \
                     or lifecycle.is_terminal(target):
                 values["requested_state"] = None
-            if target != state:
-                values[db.STATE_TIMESTAMPS[target]] = event.at
+            values.update(timestamps_for(job, state, target, event.at))
+            values.update(event_measures(event))
             with self.engine.begin() as conn:
                 if db.compare_and_set(conn, event.job_id, expected_state=state,
                                       expected_seq=job["seq"], target=target, values=values,
@@ -254,7 +275,9 @@ def job_to_json(row: dict[str, Any], base: str = "/api/v1/jobs") -> dict[str, An
     data: dict[str, Any] = {
         "id": job_id,
         "name": row["name"],
+        "owner": row.get("owner"),
         "state": row["state"],
+        "hold_reason": row.get("hold_reason"),
         "requested_state": row["requested_state"],
         "outcome": row["outcome"],
         "exit_code": row["exit_code"],
@@ -274,6 +297,9 @@ def job_to_json(row: dict[str, Any], base: str = "/api/v1/jobs") -> dict[str, An
         "results": f"{self_url}/results",
         "results_files": f"{self_url}/results/files",
     }
+    extra = extra_fields(row, self_url)
+    data["links"].update(extra.pop("links_extra"))
+    data.update(extra)
     return data
 
 

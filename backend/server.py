@@ -14,10 +14,10 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from backend.app import create_app
-from shared.hardening import protect_process
-from shared.logs import setup_logging
-from shared.settings import Settings
+from labq.backend.app import create_app
+from labq.shared.hardening import protect_process
+from labq.shared.logs import setup_logging
+from labq.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,18 @@ from dataclasses import dataclass, field
 from flask import current_app
 from sqlalchemy import Engine, text
 
-from backend.applier import EventApplier
-from backend.broadcast import StatusBroadcaster
-from backend.hub import Hub
-from backend.registry import Registry
-from producer.outbox import OutboxRelay
-from producer.publisher import Publisher
-from shared.db import make_engine
-from shared.settings import Settings
-from shared.storage import Storage
+from labq.backend.applier import EventApplier
+from labq.backend.broadcast import StatusBroadcaster
+from labq.backend.hub import Hub
+from labq.backend.notify import Notifier
+from labq.backend.registry import Registry
+from labq.backend.streams import StreamSlots
+from labq.producer.outbox import OutboxRelay
+from labq.producer.publisher import Publisher
+from labq.producer.reconciler import Reconciler
+from labq.shared.db import make_engine
+from labq.shared.settings import Settings
+from labq.shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +38,32 @@ class Services:
     registry: Registry
     publisher: Publisher
     hub: Hub = field(default_factory=Hub)
+    #: Open SSE streams, capped (backend/streams.py).
+    streams: StreamSlots = field(default_factory=lambda: StreamSlots(1))
     #: Set on shutdown: background threads and open streams end.
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
+    notifier: Notifier | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         storage = Storage(settings.data_dir).ensure()
         engine = make_engine(settings)
         return cls(settings=settings, engine=engine, storage=storage,
-                   registry=Registry(engine, storage),
-                   publisher=Publisher(settings, name="labq-backend-publisher"))
+                   registry=Registry(engine, storage, settings),
+                   publisher=Publisher(settings, name="labq-backend-publisher"),
+                   streams=StreamSlots.for_settings(settings.max_streams,
+                                                    settings.backend_threads))
 
     def start_background(self) -> None:
         if self.threads:
             return
+        self.notifier = Notifier(self.settings, self.stop)
         self.threads = [
-            EventApplier(self.settings, self.registry, self.hub, self.stop),
+            EventApplier(self.settings, self.registry, self.hub, self.stop,
+                         notifier=self.notifier),
             OutboxRelay(self.settings, self.engine, self.publisher, self.stop),
+            Reconciler(self.settings, self.engine, self.publisher, self.storage, self.stop),
             StatusBroadcaster(self.settings, self.hub, self.stop),
         ]
         # Declare the queues now (the publisher declares them on connect) so the jobs
@@ -68,6 +79,8 @@ class Services:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout_s)
+        if self.notifier is not None:
+            self.notifier.shutdown()
         self.publisher.close()
         self.engine.dispose()
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from backend.services import Services
-from shared import db
-from shared.lifecycle import is_terminal
+from labq.backend.services import Services
+from labq.shared import db
+from labq.shared.lifecycle import is_terminal
 
 KEEPALIVE_S = 15.0
 BATCH = 500
@@ -43,22 +43,50 @@ def latest_event_id(svc: Services) -> int:
         return int(conn.execute(select(func.max(db.events.c.id))).scalar() or 0)
 
 
-def _new_events(svc: Services, after: int) -> list[Any]:
+def _new_events(svc: Services, after: int, owner: str | None) -> list[Any]:
+    query = (select(db.events.c.id, db.events.c.data)
+             .where(db.events.c.id > after).order_by(db.events.c.id).limit(BATCH))
+    if owner is not None:
+        query = query.join(db.jobs, db.jobs.c.id == db.events.c.job_id) \
+            .where(db.jobs.c.owner == owner)
     with svc.engine.connect() as conn:
-        return conn.execute(
-            select(db.events.c.id, db.events.c.data)
-            .where(db.events.c.id > after).order_by(db.events.c.id).limit(BATCH)
-        ).all()
+        return conn.execute(query).all()
 
 
-def event_stream(svc: Services, after: int) -> Iterator[str]:
-    """Lifecycle rows of ``events`` after id ``after`` (with ids), then live status ticks."""
+class _OwnerFilter:
+    """Which live status ticks a stream may pass on: its owner's jobs only (a job's
+    owner never changes, so each job is looked up once per stream)."""
+
+    def __init__(self, svc: Services, owner: str | None) -> None:
+        self.svc, self.owner = svc, owner
+        self.known: dict[str, bool] = {}
+
+    def allows(self, payload: Any) -> bool:
+        if self.owner is None:
+            return True
+        job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        if not isinstance(job_id, str):
+            return False
+        if job_id not in self.known:
+            if len(self.known) > 10_000:
+                self.known.clear()
+            with self.svc.engine.connect() as conn:
+                found = conn.execute(select(db.jobs.c.owner)
+                                     .where(db.jobs.c.id == job_id)).scalar()
+            self.known[job_id] = found == self.owner
+        return self.known[job_id]
+
+
+def event_stream(svc: Services, after: int, owner: str | None = None) -> Iterator[str]:
+    """Lifecycle rows of ``events`` after id ``after`` (with ids), then live status ticks;
+    only of ``owner``'s jobs unless ``owner`` is None (admins)."""
     last = after
+    ticks = _OwnerFilter(svc, owner)
     with svc.hub.subscribe() as inbox:
         yield "retry: 3000\n: connected\n\n"
         sent = time.monotonic()
         while not svc.stop.is_set():
-            rows = _new_events(svc, last)
+            rows = _new_events(svc, last, owner)
             for row in rows:
                 last = row.id
                 yield frame(row.data, event="lifecycle", event_id=row.id)
@@ -71,7 +99,7 @@ def event_stream(svc: Services, after: int) -> Iterator[str]:
             except queue.Empty:
                 kind, payload = "", None
             while kind:
-                if kind == "status":
+                if kind == "status" and ticks.allows(payload):
                     yield frame(json.dumps(payload), event="status")
                     sent = time.monotonic()
                 try:

@@ -153,6 +153,9 @@ def main() -> int:
         if host not in LOOPBACK:
             parser.error(f"--url must be on this machine (loopback), not {host!r}")
         base, backend_pid = args.url.rstrip("/"), args.backend_pid
+        from labq.client.credentials import find_token
+
+        token = find_token(base)[0] or ""  # LABQ_TOKEN, `labq login`, or the admin-token file
     else:
         from helpers import LabqSystem
 
@@ -162,6 +165,8 @@ def main() -> int:
               flush=True)
         system.start()
         base, backend_pid = system.url, system.backend.pid if system.backend else None
+        token = system.token
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     body = bundle(runs_dir)
     results: list[dict[str, Any]] = []
@@ -175,6 +180,7 @@ def main() -> int:
         session = getattr(local, "session", None)
         if session is None:
             session = local.session = requests.Session()
+            session.headers.update(auth)
         began = time.time()
         try:
             resp = session.post(f"{base}/api/v1/jobs", files={"bundle": ("b.zip", body)},
@@ -204,6 +210,7 @@ def main() -> int:
         seen_done: dict[str, float] = {}
         deadline = time.monotonic() + args.timeout
         session = requests.Session()
+        session.headers.update(auth)
 
         def poll(job_id: str) -> tuple[str, dict[str, Any] | None]:
             try:

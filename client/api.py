@@ -2,7 +2,7 @@
 
 ::
 
-    from client.api import Client
+    from labq.client.api import Client
 
     labq = Client("http://127.0.0.1:8080")
     job = labq.submit("examples/hello")          # a folder (zipped for you) or a .zip
@@ -28,6 +28,8 @@ from typing import IO, Any
 
 import requests
 import urllib3
+
+from labq.client.credentials import find_token
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 #: States after which nothing more happens to a job.
@@ -74,12 +76,14 @@ def zip_project(folder: Path | str, dest: Path | str) -> int:
             dirs[:] = sorted(d for d in dirs
                              if d not in SKIP_DIRS and not (here / d).is_symlink())
             rel_dir = here.relative_to(folder)
-            if not files and not dirs and rel_dir != Path("."):
+            kept = [name for name in sorted(files)
+                    if name not in SKIP_FILES and not name.endswith((".pyc", ".pyo"))
+                    and not (here / name).is_symlink()]
+            # A folder left empty (or holding only skipped files) is kept as an entry.
+            if not kept and not dirs and rel_dir != Path("."):
                 zf.writestr(f"{top}/{rel_dir.as_posix()}/", b"")
-            for name in sorted(files):
+            for name in kept:
                 path = here / name
-                if name in SKIP_FILES or name.endswith((".pyc", ".pyo")) or path.is_symlink():
-                    continue
                 zf.write(path, f"{top}/{path.relative_to(folder).as_posix()}")
                 count += 1
     if count == 0:
@@ -184,10 +188,15 @@ class Client:
     """One labq server. ``url`` defaults to ``$LABQ_URL``, else http://127.0.0.1:8080."""
 
     def __init__(self, url: str | None = None, timeout_s: float = 30.0,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None, token: str | None = None) -> None:
+        """``token``: the API token; default ``LABQ_TOKEN``, then the token ``labq login``
+        saved for this server, then (a server on this machine) ``$LABQ_DATA_DIR/admin-token``."""
         self.url = (url or os.environ.get("LABQ_URL") or DEFAULT_URL).rstrip("/")
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
+        self.token, self.token_source = (token, "argument") if token else find_token(self.url)
+        if self.token:
+            self.session.headers["Authorization"] = f"Bearer {self.token}"
 
     # -- plumbing ----------------------------------------------------------------
     def _request(self, method: str, path: str, *, stream: bool = False,
@@ -226,6 +235,26 @@ class Client:
     def ready(self) -> dict[str, Any]:
         return self._json("GET", "/readyz")
 
+    # -- accounts ------------------------------------------------------------------
+    def me(self) -> dict[str, Any]:
+        """Who this client is signed in as: ``{"name", "admin", "via", "token_id"}``."""
+        return self._json("GET", "/api/v1/me")
+
+    def login(self, name: str, password: str, token_name: str = "labq login") -> dict[str, Any]:
+        """Exchange a user name and password for a new API token (``{"id", "token"}``)."""
+        resp = self._request("POST", "/api/v1/tokens", json={"name": token_name},
+                             auth=(name, password), headers={"Authorization": None})
+        return resp.json()
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/v1/tokens")["tokens"]
+
+    def create_token(self, name: str = "token") -> dict[str, Any]:
+        return self._json("POST", "/api/v1/tokens", json={"name": name})
+
+    def revoke_token(self, token_id: int) -> None:
+        self._request("DELETE", f"/api/v1/tokens/{int(token_id)}")
+
     # -- jobs ----------------------------------------------------------------------
     def submit(self, path: Path | str, *, fields: dict[str, Any] | None = None,
                progress: ProgressFn | None = None,
@@ -250,20 +279,26 @@ class Client:
                 body.close()
 
     def jobs(self, *, state: str | None = None, name: str | None = None,
-             limit: int | None = None, cursor: str | None = None) -> dict[str, Any]:
-        """One page of jobs, newest first: ``{"jobs": [...], "next_cursor": ...}``."""
+             limit: int | None = None, cursor: str | None = None,
+             **filters: Any) -> dict[str, Any]:
+        """One page of jobs, newest first: ``{"jobs": [...], "next_cursor": ...}``.
+
+        ``filters``: q (name substring), outcome, since, until (dates), sort
+        (created, -created, duration, -duration), group."""
         params = {k: v for k, v in {"state": state, "name": name, "limit": limit,
-                                    "cursor": cursor}.items() if v not in (None, "")}
+                                    "cursor": cursor, **filters}.items()
+                  if v not in (None, "")}
         return self._json("GET", "/api/v1/jobs", params=params)
 
     def iter_jobs(self, *, state: str | None = None, name: str | None = None,
-                  limit: int | None = None) -> Iterator[dict[str, Any]]:
+                  limit: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
         """Jobs newest first, following pages, at most ``limit`` of them (None: all)."""
         cursor: str | None = None
         seen = 0
         while True:
             page_size = min(limit - seen, 100) if limit else 100
-            page = self.jobs(state=state, name=name, limit=page_size, cursor=cursor)
+            page = self.jobs(state=state, name=name, limit=page_size, cursor=cursor,
+                             **filters)
             for job in page.get("jobs", []):
                 yield job
                 seen += 1
@@ -275,6 +310,25 @@ class Client:
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/v1/jobs/{job_id}")
+
+    def receipt(self, job_id: str) -> dict[str, Any]:
+        """What exactly ran: bundle, arguments, packages, versions, result hashes."""
+        return self._json("GET", f"/api/v1/jobs/{job_id}/receipt")
+
+    def rerun(self, job_id: str, **overrides: Any) -> dict[str, Any]:
+        """A new job from the same bundle and packages; overrides: args, env, limits."""
+        return self._json("POST", f"/api/v1/jobs/{job_id}/rerun", json=overrides)
+
+    def group(self, group_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/groups/{group_id}")
+
+    def wait_group(self, group_id: str, poll_s: float = 1.0) -> dict[str, Any]:
+        """Poll until every job of the group has ended; return the group."""
+        while True:
+            group = self.group(group_id)
+            if group.get("done"):
+                return group
+            time.sleep(poll_s)
 
     def state(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/v1/jobs/{job_id}/state")

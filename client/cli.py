@@ -14,13 +14,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from client.api import TERMINAL_STATES, Client, ClientError, safe_extract
-from shared.settings import Settings
+from labq.client.api import TERMINAL_STATES, Client, ClientError, safe_extract
 
+if TYPE_CHECKING:
+    from labq.shared.settings import Settings
+
+OUTCOMES = ["succeeded", "error", "timeout", "cancelled", "failed"]
 STATE_FILTERS = ["created", "queued", "initialized", "started", "paused", "completed",
                  "stopped", "failed"]
 _BIG_UPLOAD_BYTES = 5 * 1024 * 1024
@@ -34,7 +37,10 @@ class CliError(click.ClickException):
 
 
 def _settings() -> Settings:
-    from shared.errors import ConfigError
+    """The server's settings; only the service commands need them (and the server install)."""
+    _require_server()
+    from labq.shared.errors import ConfigError
+    from labq.shared.settings import Settings
 
     try:
         return Settings.from_env()
@@ -42,8 +48,20 @@ def _settings() -> Settings:
         raise CliError(exc.message) from exc
 
 
+def _require_server() -> None:
+    """Service commands need the server parts, which the client-only install leaves out."""
+    try:
+        import pika  # noqa: F401
+
+        import labq.shared  # noqa: F401
+    except ImportError as exc:
+        raise CliError(
+            "this command runs labq's services and needs the full package (pip install labq, "
+            "or `make run` in a clone); this is the client-only install (labq-client)") from exc
+
+
 def _setup_logging(service: str) -> None:
-    from shared.logs import setup_logging
+    from labq.shared.logs import setup_logging
 
     setup_logging(service)
 
@@ -59,7 +77,9 @@ def main(ctx: click.Context, url: str) -> None:
     Researchers:  labq submit examples/hello --wait
                   labq ls | labq status ID | labq logs -f ID | labq results ID
                   labq pause|resume|stop ID
+    Accounts:     labq login | labq whoami | labq token create|list|revoke | labq logout
     Admins:       labq up   (or: labq backend, labq worker)
+                  labq user add|passwd|list|disable|enable NAME
     """
     ctx.obj = {"url": url}
 
@@ -86,6 +106,10 @@ def _stream(chunks: Iterator[str]) -> None:
 
 def _explain(exc: ClientError) -> str:
     message = exc.message
+    if exc.status == 401:
+        return (f"{message} — sign in with `labq login` (or set LABQ_TOKEN to an API token; "
+                "on the labq server itself the admin token in $LABQ_DATA_DIR/admin-token "
+                "is used when readable)")
     if exc.status == 404 and exc.code in (None, "not_found"):
         return f"{message} (see `labq ls` for your jobs)"
     allowed = exc.details.get("allowed")
@@ -100,7 +124,8 @@ def _explain(exc: ClientError) -> str:
 @main.command()
 def backend() -> None:
     """Run the REST API and web pages (gunicorn) on LABQ_HOST:LABQ_PORT."""
-    from backend.server import run
+    _require_server()
+    from labq.backend.server import run
 
     sys.exit(run(_settings()))
 
@@ -108,7 +133,8 @@ def backend() -> None:
 @main.command()
 def worker() -> None:
     """Run one worker: take one job at a time from RabbitMQ and run it."""
-    from consumer.worker import run
+    _require_server()
+    from labq.consumer.worker import run
 
     sys.exit(run(_settings()))
 
@@ -118,9 +144,9 @@ def worker() -> None:
               help="How many workers (default LABQ_WORKERS, 2).")
 def up(workers: int | None) -> None:
     """Run labq on this machine: broker check, backend and workers (Ctrl-C stops)."""
-    from client.up import run
-
     settings = _settings()
+    from labq.client.up import run
+
     _setup_logging("up")
     sys.exit(run(settings, workers))
 
@@ -129,9 +155,9 @@ def up(workers: int | None) -> None:
 @click.option("--no-start", is_flag=True, help="Only check; never start a local broker.")
 def broker_check(no_start: bool) -> None:
     """Make sure RabbitMQ answers at LABQ_RABBITMQ_URL (starting a local one if installed)."""
-    from client.broker import BrokerError, ensure_broker, mask_url
-
     settings = _settings()
+    from labq.client.broker import BrokerError, ensure_broker, mask_url
+
     _setup_logging("broker-check")
     try:
         started = ensure_broker(settings.rabbitmq_url, start=not no_start)
@@ -210,9 +236,40 @@ def submit(ctx: click.Context, path: Path, wait: bool, name: str | None,
     finally:
         progress.done()
     click.echo(f"{job['id']} {job.get('state')} ({job.get('name')})")
+    if job.get("group"):
+        click.echo(f"group {job['group']['id']}: {job['group']['size']} jobs "
+                   f"({', '.join(i[:8] for i in job['group']['job_ids'])})")
     if not wait:
         return
-    job = _follow(client, job["id"], show_log=not quiet)
+    if job.get("group"):
+        from labq.client.research_cli import wait_for_group
+
+        wait_for_group(client, job, quiet)
+        return
+    try:
+        job = _follow(client, job["id"], show_log=not quiet)
+    except KeyboardInterrupt:
+        _interrupted([job["id"]])
+    _report_end(job, logged=not quiet)
+
+
+def _interrupted(job_ids: list[str]) -> None:
+    """Ctrl-C while following: the jobs go on running on the server; say so and how to
+    get back to them."""
+    click.echo("", err=True)
+    for job_id in job_ids:
+        click.echo(f"labq: stopped following; job {job_id} keeps running. Follow it again "
+                   f"with `labq logs -f {job_id}`, or stop it with `labq stop {job_id}`.",
+                   err=True)
+    sys.exit(130)
+
+
+def _report_end(job: dict[str, Any], logged: bool) -> None:
+    """The last line of ``submit --wait``; exits 1 unless the job succeeded."""
+    if logged and job.get("error"):
+        # The log just shown carries the whole message (uv's output, a traceback):
+        # its first line is enough here.
+        job = {**job, "error": str(job["error"]).splitlines()[0]}
     if job.get("outcome") == "succeeded":
         click.echo(_describe_end(job), err=True)
         return
@@ -231,13 +288,23 @@ def _follow(client: Client, job_id: str, show_log: bool = True) -> dict[str, Any
 @click.option("--state", type=click.Choice(STATE_FILTERS), help="Only jobs in this state.")
 @click.option("--name", help="Only jobs with this name.")
 @click.option("--limit", "-n", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--q", "q", help="Only jobs whose name contains this (any case).")
+@click.option("--outcome", type=click.Choice(OUTCOMES), help="Only jobs with this outcome.")
+@click.option("--since", help="Only jobs created on or after this date (2024-05-01).")
+@click.option("--until", help="Only jobs created before this date.")
+@click.option("--sort", type=click.Choice(["created", "-created", "duration", "-duration"]),
+              help="Order (default: newest first); duration is the run time.")
 @click.pass_context
-def ls(ctx: click.Context, state: str | None, name: str | None, limit: int) -> None:
-    """List jobs, newest first."""
+def ls(ctx: click.Context, state: str | None, name: str | None, limit: int, q: str | None,
+       outcome: str | None, since: str | None, until: str | None, sort: str | None) -> None:
+    """List jobs, newest first (or as --sort says)."""
     client = _client(ctx)
-    jobs = _call(lambda: list(client.iter_jobs(state=state, name=name, limit=limit)))
+    filters = {"q": q, "outcome": outcome, "since": since, "until": until, "sort": sort}
+    jobs = _call(lambda: list(client.iter_jobs(state=state, name=name, limit=limit,
+                                               **filters)))
     if not jobs:
-        click.echo("no jobs" + (" match" if state or name else " yet — try "
+        searched = state or name or any(filters.values())
+        click.echo("no jobs" + (" match" if searched else " yet — try "
                                 "`labq submit examples/hello`"))
         return
     rows = [("ID", "NAME", "STATE", "OUTCOME", "EXIT", "CREATED")]
@@ -270,6 +337,27 @@ def _timestamps(job: dict[str, Any]) -> list[tuple[str, str]]:
     return stamps
 
 
+def _researcher_lines(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """Durations, peak memory and CPU time, queue place: what `labq status` adds."""
+    lines: list[tuple[str, str]] = []
+    d = job.get("durations") or {}
+    parts = [f"{k[:-2]} {d[k]:.1f}s" for k in ("queued_s", "env_s", "run_s", "paused_s",
+                                              "total_s") if d.get(k) is not None]
+    if parts:
+        lines.append(("durations", ", ".join(parts)))
+    if job.get("peak_rss_mb") is not None:
+        lines.append(("peak memory", f"{job['peak_rss_mb']:.1f} MB"))
+    if job.get("cpu_s") is not None:
+        lines.append(("cpu time", f"{job['cpu_s']:.1f} s"))
+    if job.get("queue_position"):
+        lines.append(("queue", f"#{job['queue_position']}, {job.get('waiting_reason') or ''}"))
+    if job.get("estimated_start_at"):
+        lines.append(("estimated start", str(job["estimated_start_at"])))
+    if job.get("group_id"):
+        lines.append(("group", job["group_id"]))
+    return lines
+
+
 @main.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
@@ -288,8 +376,13 @@ def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
              ("attempts", job.get("attempts", 0)), ("worker", job.get("worker") or "-")]
     if job.get("requested_state"):
         lines.append(("requested", job["requested_state"]))
+    if job.get("owner"):
+        lines.insert(2, ("owner", job["owner"]))
+    if job.get("hold_reason"):
+        lines.append(("waiting", job["hold_reason"]))
     if job.get("error"):
         lines.append(("error", job["error"]))
+    lines += _researcher_lines(job)
     lines += _timestamps(job)
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
@@ -357,6 +450,18 @@ _state_command("paused", "pause", "Pause a running job (its whole process tree i
 _state_command("started", "resume", "Resume a paused job.")
 _state_command("stopped", "stop", "Stop a job: it never runs, or is killed if running.")
 
+# Account commands register themselves on `main` (they need the helpers above).
+from labq.client import accounts_cli  # noqa: E402, F401
+
+# The researcher's commands live in their own module.
+from labq.client.research_cli import COMMANDS  # noqa: E402
+
+for _command in COMMANDS:
+    main.add_command(_command)
 
 if __name__ == "__main__":
-    main()
+    # `python -m labq.client.cli` runs this file as __main__, a second copy of the module;
+    # the account commands registered themselves on the importable one's `main`.
+    from labq.client.cli import main as _main
+
+    _main()

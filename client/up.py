@@ -1,8 +1,9 @@
 """``labq up``: the whole of labq on one machine, in the foreground (what ``make run`` runs).
 
 Ensures the broker, then starts ``labq backend`` and ``LABQ_WORKERS`` ``labq worker``
-processes as children with the same environment. A child that dies is reported, never
-restarted silently (if the backend dies, everything stops: nothing would accept jobs).
+processes as children with the same environment. A child that dies (a crash, or a job
+that managed to kill it) is reported and restarted with backoff: 1 s, then twice as
+long each time it dies again within a minute, up to a minute between tries.
 Ctrl-C or SIGTERM sends SIGTERM to every child, waits for them (workers finish or put
 back their current job within ``LABQ_SHUTDOWN_GRACE_S``) and exits 0.
 """
@@ -24,19 +25,30 @@ from types import FrameType
 
 import requests
 
-from client.broker import BrokerError, ensure_broker, mask_url
-from shared.settings import Settings
+from labq.client.broker import BrokerError, ensure_broker, mask_url
+from labq.shared.settings import Settings
 
 log = logging.getLogger("labq.up")
 
 _PR_SET_PDEATHSIG = 1
 
 
+#: Backoff between restarts of a child that keeps dying (seconds).
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 60.0
+#: A child that ran this long before dying starts its backoff over.
+RESTART_RESET_S = 60.0
+
+
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen[bytes]
-    reported: bool = False
+    command: str = ""
+    extra: dict[str, str] | None = None
+    started: float = 0.0
+    backoff_s: float = 0.0
+    restart_at: float | None = None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -83,18 +95,35 @@ class Up:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def _spawn(self, name: str, command: str, extra: dict[str, str] | None = None) -> Child:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", command],
+    def _popen(self, command: str, extra: dict[str, str] | None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "labq.client.cli", command],
             env={**self._env(), **(extra or {})},
             # Own process group: Ctrl-C reaches only us; we stop the children in order.
             process_group=0,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        child = Child(name, proc)
+
+    def _spawn(self, name: str, command: str, extra: dict[str, str] | None = None) -> Child:
+        child = Child(name, self._popen(command, extra), command, extra, time.monotonic())
         self.children.append(child)
-        log.info("started %s (pid %d)", name, proc.pid)
+        log.info("started %s (pid %d)", name, child.proc.pid)
         return child
+
+    def _died(self, child: Child, code: int) -> None:
+        """Report a dead child and schedule its restart with backoff."""
+        now = time.monotonic()
+        if now - child.started >= RESTART_RESET_S:
+            child.backoff_s = 0.0
+        child.backoff_s = min(RESTART_MAX_S, child.backoff_s * 2 or RESTART_FIRST_S)
+        child.restart_at = now + child.backoff_s
+        log.error("%s (pid %d) exited with code %s; restarting it in %.0f s",
+                  child.name, child.proc.pid, code, child.backoff_s)
+
+    def _restart(self, child: Child) -> None:
+        child.proc = self._popen(child.command, child.extra)
+        child.started, child.restart_at = time.monotonic(), None
+        log.info("restarted %s (pid %d)", child.name, child.proc.pid)
 
     def _wait_healthy(self, backend: Child, timeout_s: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -141,6 +170,11 @@ class Up:
 
     # -- main ------------------------------------------------------------------------
     def run(self) -> int:
+        from labq.shared.hardening import protect_process
+
+        # Its environment holds the broker and database credentials its children get:
+        # no job (or other process of this user) may read them from /proc.
+        protect_process()
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         if self.n_workers < 0:
@@ -182,21 +216,14 @@ class Up:
     def _supervise(self, backend: Child) -> int:
         while not self.stopping:
             for child in self.children:
-                code = child.proc.poll()
-                if code is None or child.reported:
+                if child.restart_at is not None:
+                    if time.monotonic() >= child.restart_at and not self.stopping:
+                        self._restart(child)
                     continue
-                child.reported = True
-                if child is backend:
-                    log.error("the backend (pid %d) exited with code %s: stopping labq",
-                              child.proc.pid, code)
-                    self.shutdown()
-                    return 1
-                left = sum(1 for c in self.children
-                           if c is not backend and c.proc.poll() is None)
-                log.error("%s (pid %d) exited with code %s; it is not restarted — %d "
-                          "worker(s) left. Restart `labq up` to get it back.",
-                          child.name, child.proc.pid, code, left)
-            time.sleep(0.5)
+                code = child.proc.poll()
+                if code is not None:
+                    self._died(child, code)
+            time.sleep(0.2)
         self.shutdown()
         log.info("labq stopped")
         return 0

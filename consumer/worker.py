@@ -41,16 +41,17 @@ from tenacity import (
     wait_random,
 )
 
-from process_unit import proctree
-from process_unit.control import Control
-from process_unit.envcache import EnvCache
-from process_unit.runner import run_job
-from process_unit.sandbox import TOKEN_VAR
-from shared.errors import ConfigError, DecodeError, LabqError
-from shared.hardening import protect_process
-from shared.lifecycle import Outcome, State
-from shared.logs import setup_logging
-from shared.messages import (
+from labq.process_unit import proctree
+from labq.process_unit.control import Control
+from labq.process_unit.envcache import EnvCache
+from labq.process_unit.jobbox import HostSandbox, write_report
+from labq.process_unit.runner import run_job
+from labq.process_unit.sandbox import TOKEN_VAR
+from labq.shared.errors import ConfigError, DecodeError, LabqError
+from labq.shared.hardening import protect_process
+from labq.shared.lifecycle import Outcome, State
+from labq.shared.logs import setup_logging
+from labq.shared.messages import (
     SEQ_PER_ATTEMPT,
     ControlMessage,
     JobMessage,
@@ -58,9 +59,9 @@ from shared.messages import (
     StatusEvent,
     event_seq,
 )
-from shared.settings import Settings
-from shared.storage import Storage
-from shared.topology import PERSISTENT, TRANSIENT, Topology, connect
+from labq.shared.settings import Settings
+from labq.shared.storage import Storage
+from labq.shared.topology import PERSISTENT, TRANSIENT, Topology, connect
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,21 @@ class Delivery:
     control_key: str = ""
 
 
+#: How often a worker touches its sandbox report (the backend drops reports gone stale).
+REPORT_EVERY_S = 30.0
+
+
 class Worker:
     def __init__(self, settings: Settings) -> None:
+        # The sandbox decides the work dir and the job interpreter: use its settings.
+        self.sandbox = HostSandbox.start(settings)
+        settings = self.sandbox.settings
         self.settings = settings
         self.storage = Storage(settings.data_dir).ensure()
         self.topology = Topology.from_settings(settings)
         self.name = worker_name(settings)
-        self.envs = EnvCache(settings, self.storage)
+        self.envs = EnvCache(settings, self.storage, self.sandbox.build_box())
+        self._report_path = write_report(settings.data_dir, self.name, self.sandbox.report())
         self.conn: pika.BlockingConnection | None = None
         self.channel: Any = None
         self.generation = 0
@@ -120,6 +129,7 @@ class Worker:
         self.shutdown_deadline = 0.0
         self._next_status = 0.0
         self._next_sweep = 0.0
+        self._next_report = 0.0
 
     # -- entry point ------------------------------------------------------------
     def run(self) -> int:
@@ -261,6 +271,10 @@ class Worker:
     # -- periodic work ----------------------------------------------------------
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if now >= self._next_report:  # the backend shows reports touched recently
+            self._next_report = now + REPORT_EVERY_S
+            with contextlib.suppress(OSError):
+                os.utime(self._report_path)
         if self._online():
             self._flush()
         current = self.current
@@ -386,6 +400,7 @@ class Worker:
             attempt=attempt, outcome=record.get("outcome"), exit_code=record.get("exit_code"),
             error=record.get("error"), worker=record.get("worker") or self.name,
             at=float(record.get("at") or time.time()),
+            peak_rss_mb=record.get("peak_rss_mb"), cpu_s=record.get("cpu_s"),
         )
 
     def _job_thread(self, d: Delivery) -> None:
@@ -401,7 +416,8 @@ class Worker:
 
         try:
             d.result = run_job(d.job, self.settings, emit, d.control, attempt=d.attempt,
-                               worker=self.name, storage=self.storage, envs=self.envs)
+                               worker=self.name, storage=self.storage, envs=self.envs,
+                               sandbox=self.sandbox)
         except Exception as exc:  # a bug in labq: still give the job an outcome
             log.exception("job %s crashed the runner", d.job.job_id)
             error = f"internal error in the labq worker: {exc!r}"
@@ -513,7 +529,7 @@ class Worker:
             return
         event = StatusEvent(job_id=d.job.job_id, state=status.state,
                             elapsed_s=status.elapsed_s, attempt=d.attempt, worker=self.name,
-                            memory_mb=status.memory_mb)
+                            memory_mb=status.memory_mb, cpu_s=status.cpu_s)
         props = pika.BasicProperties(content_type="application/json",
                                      delivery_mode=TRANSIENT)
         with contextlib.suppress(pika.exceptions.NackError, pika.exceptions.UnroutableError):

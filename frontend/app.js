@@ -79,15 +79,11 @@
     return el("time", { datetime: iso, title: d.toString(), text });
   }
 
-  /** Run time of a job: from start to end (or now while it runs). */
+  /** Run time of a job, pauses excluded (the server's durations.run_s). */
   function jobDuration(job) {
-    const start = parseTime(job.started_at) ?? parseTime(job.initialized_at);
-    if (start === null) return null;
-    const end = parseTime(job.completed_at) ?? parseTime(job.stopped_at) ??
-      parseTime(job.failed_at);
-    if (end !== null) return Math.max(0, (end - start) / 1000);
-    if (TERMINAL.has(job.state)) return null;
-    return Math.max(0, (Date.now() - start) / 1000);
+    const d = job.durations;
+    if (d && d.run_s != null) return d.run_s;
+    return null;
   }
 
   function badge(state) {
@@ -127,9 +123,26 @@
     return fallback || `The server answered ${status}.`;
   }
 
+  // ---------------------------------------------------------------- who is signed in
+  /** The signed-in user ({name, admin, csrf_token}); filled by start() before any page runs. */
+  const me = { name: null, admin: false, csrf_token: null };
+
+  function toLogin() {
+    const here = location.pathname + location.search;
+    location.href = `/login?next=${encodeURIComponent(here)}`;
+  }
+
+  /** Headers every state-changing request of the pages must carry (CSRF protection). */
+  function csrfHeaders() {
+    return me.csrf_token ? { "X-CSRF-Token": me.csrf_token } : {};
+  }
+
   async function api(path, options) {
     const opts = Object.assign({ headers: {} }, options || {});
     opts.headers = Object.assign({ Accept: "application/json" }, opts.headers);
+    if (opts.method && !["GET", "HEAD"].includes(opts.method.toUpperCase())) {
+      Object.assign(opts.headers, csrfHeaders());
+    }
     if (opts.json !== undefined) {
       opts.body = JSON.stringify(opts.json);
       opts.headers["Content-Type"] = "application/json";
@@ -148,6 +161,7 @@
     } catch (e) {
       body = null;
     }
+    if (resp.status === 401 && !opts.noRedirect) toLogin();
     if (!resp.ok) throw new ApiError(errorText(resp.status, body), resp.status, body);
     return body;
   }
@@ -326,6 +340,11 @@
   const COLUMNS = ["Name", "ID", "State", "Outcome", "Exit", "Attempts", "Created", "Duration",
     "Actions"];
 
+  /** The table's columns: admins see every user's jobs, so they also see whose they are. */
+  function columns() {
+    return me.admin ? ["Name", "Owner", ...COLUMNS.slice(1)] : COLUMNS;
+  }
+
   /** One <tr> for a job; kept in sync by updateRow. */
   function jobRow(job, opts) {
     const tr = el("tr", { dataset: { jobId: job.id } });
@@ -353,6 +372,7 @@
       ? tr._elapsed : jobDuration(job);
     const cells = [
       nameCell,
+      me.admin ? el("td", { class: "cell-owner", text: job.owner || "—" }) : null,
       el("td", { class: "cell-id mono" }, el("span", { title: job.id, text: shortId(job.id) })),
       stateCell,
       el("td", { class: "cell-outcome" }, outcomeEl(job.outcome)),
@@ -360,7 +380,7 @@
       el("td", { class: "cell-attempts", text: job.attempts == null ? "—" : job.attempts }),
       el("td", { class: "cell-created" }, timeEl(job.created_at)),
       el("td", { class: "cell-duration", text: dur == null ? "—" : fmtDuration(dur) }),
-    ];
+    ].filter(Boolean);
     // The data cells are replaced; the actions cell stays (its buttons keep focus and clicks).
     for (const cell of Array.from(tr.children)) if (cell !== tr._actions) cell.remove();
     if (options.actions === false) { tr.append(...cells); return; }
@@ -375,8 +395,8 @@
       if (updated) updateRow(tr, updated, options);
       if (options.onChanged) options.onChanged(job.id);
     });
-    // Results exist once a job is stopped (a failed job keeps only its log).
-    const ended = job.state === "stopped";
+    // A results link only when the job left files (an empty zip helps nobody).
+    const ended = job.state === "stopped" && job.has_results === true;
     if (tr._links.dataset.ended !== String(ended)) {
       tr._links.dataset.ended = String(ended);
       clear(tr._links);
@@ -390,7 +410,7 @@
   }
 
   function jobTable(opts) {
-    const cols = opts && opts.actions === false ? COLUMNS.slice(0, -1) : COLUMNS;
+    const cols = opts && opts.actions === false ? columns().slice(0, -1) : columns();
     const tbody = el("tbody");
     const table = el("table", { class: "jobs" },
       el("thead", {}, el("tr", {}, cols.map((c) => el("th", { scope: "col", text: c })))),
@@ -415,13 +435,17 @@
     const statsBox = $("#stats");
     const recentBody = $("#recent tbody");
     const recentEmpty = $("#recent-empty");
+    if (me.admin) {
+      const head = $("#recent thead tr");
+      head.insertBefore(el("th", { scope: "col", text: "Owner" }), head.children[1]);
+    }
 
     async function loadStats() {
       try {
         const s = await api(`${API}/stats`);
         const q = (s && s.queue) || {};
         setText($("#stat-messages"), q.messages ?? "—");
-        setText($("#stat-workers"), q.consumers ?? "—");
+        setText($("#stat-workers"), q.workers ?? "—");
         const jobs = (s && s.jobs) || {};
         const list = $("#stat-states");
         clear(list);
@@ -562,6 +586,7 @@
       const xhr = new XMLHttpRequest();
       xhr.open("POST", `${API}/jobs`);
       xhr.setRequestHeader("Accept", "application/json");
+      for (const [k, v] of Object.entries(csrfHeaders())) xhr.setRequestHeader(k, v);
       xhr.upload.addEventListener("progress", (ev) => {
         if (ev.lengthComputable) {
           const pct = Math.round((ev.loaded / ev.total) * 100);
@@ -577,6 +602,7 @@
         submit.disabled = false;
         let body = null;
         try { body = JSON.parse(xhr.responseText); } catch (err) { body = xhr.responseText; }
+        if (xhr.status === 401) { toLogin(); return; }
         if (xhr.status === 201 || xhr.status === 200) {
           setText(progressText, "Done: the job was accepted.");
           showJob(body);
@@ -762,6 +788,7 @@
       const items = [
         row("ID", job.id, "mono"),
         row("Name", job.name),
+        row("Owner", job.owner),
         row("State", badge(job.state)),
         row("Outcome", job.outcome),
         row("Exit code", job.exit_code, "mono"),
@@ -769,6 +796,7 @@
         row("Worker", job.worker, "mono"),
         row("Run time", dur == null ? null : fmtDuration(dur)),
       ];
+      if (job.hold_reason) items.push(row("Waiting", job.hold_reason));
       if (job.error) items.push(row("Error", el("pre", { class: "error-text", text: job.error })));
       items.push(
         row("Entrypoint", [spec.entrypoint, ...(spec.args || [])].filter(Boolean).join(" "), "mono"),
@@ -786,10 +814,12 @@
       // timeline of states entered
       const times = $("#timeline");
       clear(times);
-      for (const state of ["created", ...STATES.slice(1)]) {
-        const at = job[`${state}_at`];
-        if (!at) continue;
-        times.append(el("li", {}, badge(state), " ", timeEl(at)));
+      // In the order the states were entered (a resume keeps started_at).
+      const entered = ["created", ...STATES.slice(1)]
+        .filter((state) => job[`${state}_at`])
+        .sort((a, b) => parseTime(job[`${a}_at`]) - parseTime(job[`${b}_at`]));
+      for (const state of entered) {
+        times.append(el("li", {}, badge(state), " ", timeEl(job[`${state}_at`])));
       }
 
       renderControls(controls, job, (updated) => {
@@ -971,12 +1001,113 @@
     }, POLL_MS, POLL_FAST_MS);
   }
 
-  // ---------------------------------------------------------------- start
-  const PAGES = { home: pageHome, upload: pageUpload, results: pageResults, job: pageJob };
+  // ---------------------------------------------------------------- Login
+  /** Only a path on this site may be the target after signing in (no open redirect). */
+  function safeNext(raw) {
+    return raw && raw.startsWith("/") && !raw.startsWith("//") && !raw.startsWith("/\\")
+      ? raw : "/";
+  }
 
-  function start() {
+  function pageLogin() {
+    const form = $("#login-form");
+    const errorBox = $("#login-error");
+    const next = safeNext(new URLSearchParams(location.search).get("next"));
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      setText(errorBox, "");
+      const button = $("#login-submit");
+      button.disabled = true;
+      try {
+        await api("/login", { method: "POST", noRedirect: true,
+          json: { name: $("#login-name").value.trim(), password: $("#login-password").value } });
+        location.href = next;
+      } catch (err) {
+        setText(errorBox, err.message);
+        $("#login-password").select();
+      } finally {
+        button.disabled = false;
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------- Account
+  function pageAccount() {
+    setText($("#account-name"), me.name);
+    setText($("#account-role"), me.admin ? "admin: you see and steer every user's jobs"
+      : "you see and steer your own jobs");
+    const tbody = $("#tokens tbody");
+    const created = $("#token-created");
+
+    async function load() {
+      const data = await api(`${API}/tokens`);
+      clear(tbody);
+      for (const t of data.tokens) {
+        const revoke = el("button", { type: "button", class: "btn btn-small btn-danger",
+          dataset: { tokenId: t.id }, "aria-label": `Revoke token ${t.name}`, text: "Revoke" });
+        revoke.addEventListener("click", async () => {
+          revoke.disabled = true;
+          try { await api(`${API}/tokens/${t.id}`, { method: "DELETE" }); } catch (err) {
+            notify(err.message, "error");
+          }
+          load().catch((err) => notify(err.message, "error"));
+        });
+        tbody.append(el("tr", { dataset: { tokenId: t.id } },
+          el("td", { class: "mono", text: t.id }), el("th", { scope: "row", text: t.name }),
+          el("td", {}, timeEl(t.created_at)), el("td", {}, timeEl(t.last_used_at)),
+          el("td", {}, revoke)));
+      }
+      $("#tokens-empty").hidden = data.tokens.length > 0;
+    }
+
+    $("#token-form").addEventListener("submit", async (e) => {
+      e.preventDefault();
+      try {
+        const t = await api(`${API}/tokens`, { method: "POST",
+          json: { name: $("#token-name").value.trim() || "token" } });
+        created.hidden = false;
+        setText($("#new-token"), t.token);
+        setText($("#token-snippet"), `export LABQ_URL=${location.origin}\n` +
+          `export LABQ_TOKEN=${t.token}\nlabq whoami\nlabq submit my-experiment/ --wait`);
+        $("#token-name").value = "";
+        await load();
+      } catch (err) {
+        notify(err.message, "error");
+      }
+    });
+    load().catch((err) => notify(err.message, "error"));
+  }
+
+  // ---------------------------------------------------------------- start
+  const PAGES = { home: pageHome, upload: pageUpload, results: pageResults, job: pageJob,
+    account: pageAccount };
+
+  /** "Signed in as NAME · Account · Sign out" in the header. */
+  function renderWho() {
+    const row = $(".header-row");
+    if (!row || !me.name) return;
+    const out = el("button", { type: "button", class: "btn btn-small btn-ghost", id: "sign-out",
+      text: "Sign out" });
+    out.addEventListener("click", async () => {
+      try { await api("/logout", { method: "POST", noRedirect: true }); } catch (err) { /* gone */ }
+      location.href = "/login";
+    });
+    row.append(el("span", { class: "whoami", id: "whoami" },
+      "Signed in as ", el("strong", { id: "whoami-name", text: me.name }),
+      me.admin ? el("span", { class: "muted", text: " (admin)" }) : null, " · ",
+      el("a", { href: "/account", text: "Account" }), " ", out));
+  }
+
+  async function start() {
     markNav();
     const page = document.body.dataset.page;
+    if (page === "login") { pageLogin(); return; }
+    try {
+      Object.assign(me, await api(`${API}/me`));
+    } catch (err) {
+      if (err.status !== 401) notify(err.message, "error");
+      return;
+    }
+    renderWho();
     if (PAGES[page]) PAGES[page]();
   }
 

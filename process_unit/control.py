@@ -20,6 +20,7 @@ class Status:
     state: str
     elapsed_s: float
     memory_mb: float | None
+    cpu_s: float | None = None
 
 
 class Control:

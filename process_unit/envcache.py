@@ -1,6 +1,6 @@
-"""Job environments, built with uv and cached on the data volume.
+"""Job environments, built with uv and cached on the worker's host.
 
-``<data>/envs/<key>/`` is a virtual environment, where ``key`` is the sha256 of the
+``<work dir>/envs/<key>/`` is a virtual environment, where ``key`` is the sha256 of the
 normalized ``requirements.txt`` and the interpreter (path and version). A bundle with
 no requirements gets an empty venv of its own, never labq's environment.
 
@@ -12,6 +12,13 @@ Safety between workers (possibly on several hosts sharing the volume):
   place, so nobody ever sees half an environment;
 * ``.labq-used`` inside it is touched on every use; past ``env_cache_max_bytes``
   the least recently used environments that nobody holds are removed.
+
+With a :class:`BuildBox` (the worker's sandbox), uv — and whatever a package's
+``setup.py`` runs — runs as the unprivileged build uid inside bubblewrap: it sees the
+system read-only, the folder being built, uv's cache and the job's requirements, and
+not the data dir; it keeps the host's network (for the package index). The built
+environment then belongs to the worker and is read-only to everyone else, jobs included.
+A stop asked for during the build ends it.
 """
 
 from __future__ import annotations
@@ -26,19 +33,34 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
-from shared.errors import EnvironmentBuildError
-from shared.settings import Settings
-from shared.storage import Storage
+from labq.process_unit.netbox import RESOLV_CONF, JobNetwork, slirp_binary
+from labq.shared.errors import EnvironmentBuildError
+from labq.shared.settings import Settings
+from labq.shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
 USED_MARKER = ".labq-used"
+#: Variables a boxed build keeps from the worker's environment: uv's own settings, CA
+#: certificates and proxies (how to reach the index), nothing else.
+BUILD_ENV_KEEP = ("UV_", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY",
+                  "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+
+
+class BuildStoppedError(EnvironmentBuildError):
+    """Raised when the user stopped a job while its environment was being built."""
+
+    code = "build_stopped"
+#: Lines of uv's output left out of the job log: terminal advice about a temporary path.
+UV_TERMINAL_HINTS = ("Activate with:",)
 #: How much of uv's message goes into the job's ``error`` field.
 ERROR_TAIL_CHARS = 1500
 
@@ -123,13 +145,44 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class BuildBox:
+    """How builds are boxed: run as ``uid`` via the launcher, inside ``bwrap`` if set."""
+
+    uid: int
+    bwrap: str | None = None
+
+
+def _chown_tree(path: Path, uid: int) -> None:
+    os.lchown(path, uid, uid)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), uid, uid)
+
+
+def _seal(path: Path) -> None:
+    """The worker owns the built environment; nobody else may write to it."""
+    _chown_tree(path, os.getuid())
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                mode = os.lstat(full).st_mode
+                os.chmod(full, (mode | 0o444 | (0o111 if mode & 0o100 else 0)) & ~0o022)
+    os.chmod(path, 0o755)
+
+
 class EnvCache:
-    def __init__(self, settings: Settings, storage: Storage | None = None) -> None:
+    def __init__(self, settings: Settings, storage: Storage | None = None,
+                 box: BuildBox | None = None) -> None:
         self.settings = settings
+        self.box = box
         self.storage = storage or Storage(settings.data_dir)
-        self.root = self.storage.envs
+        # Host-local (the work dir), not the shared volume: environments are per host
+        # (interpreter paths differ), and job uids must be able to reach them.
+        self.root = settings.resolved_work_dir / "envs"
         self.python = settings.job_python or sys.executable
-        self.uv_cache = self.storage.root / "uv-cache"
+        self.uv_cache = settings.resolved_work_dir / "uv-cache"
 
     def key(self, requirements: str, included: list[Path] | None = None) -> str:
         material = normalize_requirements(requirements) + "\n--\n" + interpreter_identity(
@@ -143,12 +196,15 @@ class EnvCache:
         return self.root / f".{key}.lock"
 
     @contextlib.contextmanager
-    def acquire(self, requirements: Path | None, log_file: BinaryIO) -> Iterator[Path]:
+    def acquire(self, requirements: Path | None, log_file: BinaryIO,
+                cancelled: Callable[[], bool] | None = None) -> Iterator[Path]:
         """Yield a ready environment for ``requirements`` (None: no requirements).
 
         Builds it if needed; uv's output is appended to ``log_file``. The environment
-        is held (shared lock) until the context exits.
+        is held (shared lock) until the context exits. ``cancelled`` is asked while uv
+        runs: when it turns true the build is killed (a user's stop).
         """
+        self._cancelled = cancelled or (lambda: False)
         text = requirements.read_text(encoding="utf-8", errors="replace") if requirements else ""
         self.root.mkdir(parents=True, exist_ok=True)
         key = self.key(text, referenced_files(requirements) if requirements else None)
@@ -180,35 +236,144 @@ class EnvCache:
     def _uv_env(self) -> dict[str, str]:
         # uv needs no labq setting; keep broker/database URLs away from it too.
         env = {k: v for k, v in os.environ.items() if not k.startswith("LABQ_")}
+        if self.box is not None:
+            # Boxed: from scratch, keeping only how to reach the package index.
+            env = {k: v for k, v in env.items() if k.startswith(BUILD_ENV_KEEP)}
+            env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME="/tmp", LANG="C.UTF-8",
+                       # The cache and the environment are separate bind mounts (no
+                       # hardlinks across them), and jobs never see the cache: copy.
+                       UV_LINK_MODE="copy")
         env.pop("VIRTUAL_ENV", None)
         env["UV_CACHE_DIR"] = str(self.uv_cache)
         env["UV_PYTHON_DOWNLOADS"] = "never"
         env["UV_NO_PROGRESS"] = "1"
         return env
 
-    def _run_uv(self, args: list[str], log_file: BinaryIO, what: str) -> None:
+    def _boxed_uv(self, args: list[str], binds: list[Path], ro_binds: list[Path],
+                  net: JobNetwork | None = None) -> list[str]:
+        """uv's argv: as is, or through the launcher as the build uid inside bwrap (with
+        ``net``: in a network namespace of its own, routed out by slirp4netns)."""
+        uv = self._uv_copy() if self.box else uv_binary()
+        if self.box is None:
+            return [uv, *args]
+        from labq.process_unit.isolation import system_links
+        from labq.process_unit.sandbox import LAUNCHER
+
+        launch = [sys.executable, "-I", "-S", str(LAUNCHER), "--parent", str(os.getpid()),
+                  "--rlimit", "CORE=0", "--uid", str(self.box.uid)]
+        if net is not None:
+            launch += ["--netns", ",".join(str(fd) for fd in net.child_fds())]
+        launch.append("--")
+        if not self.box.bwrap:
+            return [*launch, uv, *args]
+        resolv = ["--ro-bind", str(self._resolv_conf()), "/etc/resolv.conf"] if net else []
+        jail = [self.box.bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc",
+                "--unshare-uts", "--die-with-parent", "--new-session",
+                "--ro-bind", "/usr", "/usr", *system_links(), "--ro-bind", "/etc", "/etc",
+                *resolv,
+                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                "--ro-bind", uv, uv]
+        for path in ro_binds:
+            jail += ["--ro-bind", str(path), str(path)]
+        for path in binds:
+            jail += ["--bind", str(path), str(path)]
+        return [*launch, *jail, "--remount-ro", "/", uv, *args]
+
+    def _resolv_conf(self) -> Path:
+        path = self.settings.resolved_work_dir / "bin" / "resolv.conf"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(RESOLV_CONF)
+            os.chmod(path, 0o644)
+        return path
+
+    def _uv_copy(self) -> str:
+        """uv, copied where the build uid may run it (labq's own venv may be private)."""
+        target = self.settings.resolved_work_dir / "bin" / "uv"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".uv.{os.getpid()}")
+            shutil.copy2(uv_binary(), tmp)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)
+        return str(target)
+
+    def _run_uv(self, args: list[str], log_file: BinaryIO, what: str,
+                binds: list[Path] | None = None, ro_binds: list[Path] | None = None) -> None:
+        """Run uv with its output copied line by line into the job log, minus lines that
+        only make sense in a terminal (``Activate with: source <temporary path>``)."""
         log_file.flush()
-        start = log_file.tell()
+        kept: list[str] = []
+        # A boxed build reaches the package index through slirp4netns, never the host's
+        # loopback (the broker, the database): what a package's setup.py does included.
+        # Without slirp4netns it shares the host's network (the README says so).
+        net = JobNetwork.prepare() if self.box and self.box.bwrap and slirp_binary() \
+            else None
+        proc = None
         try:
-            result = subprocess.run(
-                [uv_binary(), *args], stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=log_file, env=self._uv_env(), timeout=self.settings.env_build_timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
+            proc = subprocess.Popen(
+                self._boxed_uv(args, binds or [], ro_binds or [], net),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=self._uv_env(), start_new_session=True,
+                pass_fds=net.child_fds() if net else ())
+            if net is not None:
+                net.start()
+        except BaseException:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            if net is not None:
+                net.close()
+            raise
+        expired = threading.Event()
+        stopped = threading.Event()
+        done = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            proc.kill()
+
+        def watch_stop() -> None:
+            cancelled = getattr(self, "_cancelled", lambda: False)
+            while not done.wait(0.2):
+                if cancelled():
+                    stopped.set()
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, 9)
+                    return
+
+        timer = threading.Timer(self.settings.env_build_timeout_s, expire)
+        timer.start()
+        threading.Thread(target=watch_stop, name="labq-build-stop", daemon=True).start()
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace")
+                if line.lstrip().startswith(UV_TERMINAL_HINTS):
+                    continue
+                log_file.write(raw)
+                log_file.flush()
+                kept.append(line.rstrip("\n"))
+            returncode = proc.wait()
+        finally:
+            done.set()
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if net is not None:
+                net.close()
+        if stopped.is_set():
+            raise BuildStoppedError(f"{what} was stopped by the user")
+        if expired.is_set():
             raise EnvironmentBuildError(
-                f"{what} took longer than {self.settings.env_build_timeout_s} s; gave up"
-            ) from exc
-        if result.returncode != 0:
-            log_file.flush()
-            with open(log_file.name, "rb") as reader:
-                reader.seek(start)
-                text = reader.read().decode("utf-8", "replace")
+                f"{what} took longer than {self.settings.env_build_timeout_s} s; gave up")
+        if returncode != 0:
             # uv's chatter about which interpreter it uses says nothing about the failure.
-            lines = [line for line in text.splitlines() if line.strip()
+            lines = [line for line in kept if line.strip()
                      and not line.startswith(("Using Python", "Using CPython"))]
             tail = "\n".join(lines)[-ERROR_TAIL_CHARS:]
-            tail = tail or f"uv exited {result.returncode}"
+            tail = tail or f"uv exited {returncode}"
             raise EnvironmentBuildError(f"{what} failed: {tail}")
 
     def _build(self, key: str, requirements: Path | None, log_file: BinaryIO) -> None:
@@ -216,10 +381,20 @@ class EnvCache:
         _note(log_file, f"labq: building environment {key[:12]} with uv")
         started = time.monotonic()
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".build-{key[:12]}-"))
+        self.uv_cache.mkdir(parents=True, exist_ok=True)
+        binds = [tmp, self.uv_cache]
+        ro_binds = [requirements.parent] if requirements is not None else []
+        if self.settings.uv_find_links and Path(self.settings.uv_find_links).is_dir():
+            ro_binds.append(Path(self.settings.uv_find_links))
+        if self.box is not None:
+            _chown_tree(tmp, self.box.uid)
+            # Only the build uid writes uv's cache: hand it over once, not at every build.
+            if self.uv_cache.stat().st_uid != self.box.uid:
+                _chown_tree(self.uv_cache, self.box.uid)
         try:
             self._run_uv(
                 ["venv", "--relocatable", "--no-config", "--python", self.python, str(tmp)],
-                log_file, "creating the environment",
+                log_file, "creating the environment", binds, ro_binds,
             )
             if requirements is not None:
                 cmd = ["pip", "install", "--no-config", "--python", str(tmp / "bin" / "python"),
@@ -228,8 +403,11 @@ class EnvCache:
                     cmd.append("--offline")
                 if self.settings.uv_find_links:
                     cmd += ["--find-links", self.settings.uv_find_links]
-                self._run_uv(cmd, log_file, "installing requirements.txt")
+                self._run_uv(cmd, log_file, "installing requirements.txt", binds, ro_binds)
             (tmp / USED_MARKER).touch()
+            # Built by the build uid (or in a 0700 mkdtemp): the worker takes it over, and
+            # every job uid may read and run it, none may write.
+            _seal(tmp)
             if env.exists():  # a half-removed leftover (eviction or crash): replace it
                 shutil.rmtree(env, ignore_errors=True)
             os.rename(tmp, env)

@@ -1,8 +1,12 @@
 """Tiny launcher between the worker and the job's interpreter.
 
-Run as ``<worker python> -I -S launch.py --parent PID [--cpus 0,1] -- PROGRAM ARGS...``.
-It asks the kernel to SIGKILL it when its parent dies (``PR_SET_PDEATHSIG``), pins
-itself to the given CPUs, then ``execve``'s the job's program, which inherits both.
+Run as ``<worker python> -I -S launch.py --parent PID [--cpus 0,1] [--cgroup FILE]...
+[--rlimit NAME=N]... [--uid UID] -- PROGRAM ARGS...``. In this order it joins the job's
+cgroups (while still root), sets its resource limits, drops every privilege to the
+job's uid (groups, gid, uid), asks the kernel to SIGKILL it when its parent dies
+(``PR_SET_PDEATHSIG``, armed after the uid change, which would clear it), pins itself to
+the given CPUs, then ``execve``'s the program (bwrap, or the job's interpreter), which
+inherits all of it: no process of the job ever runs outside its cgroup or as root.
 Doing this in a separate program instead of a ``preexec_fn`` keeps the worker (a
 threaded process) from running Python code between fork and exec, which can deadlock.
 
@@ -13,33 +17,121 @@ in any meaningful sense, with ``-I -S`` so nothing from labq or site-packages lo
 from __future__ import annotations
 
 import ctypes
+import fcntl  # imported here, as root: after the uid switch /root/.pyenv may be closed
 import os
+import resource
 import signal
+import socket
+import struct
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 #: Exit status when the worker died before the death signal was armed.
 EXIT_PARENT_GONE = 70
 EXIT_USAGE = 64
 
 
-def main(argv: list[str]) -> int:
-    parent = 0
-    cpus: set[int] = set()
+RLIMITS = {"FSIZE": resource.RLIMIT_FSIZE, "NOFILE": resource.RLIMIT_NOFILE,
+           "CORE": resource.RLIMIT_CORE, "NPROC": resource.RLIMIT_NPROC,
+           "AS": resource.RLIMIT_AS}
+#: Exit status when the job's box could not be set up (reported as a platform error).
+EXIT_SETUP = 71
+
+
+def _options(argv: list[str]) -> dict | None:
+    opts: dict = {"parent": 0, "cpus": set(), "cgroups": [], "rlimits": [], "uid": None,
+                  "netns": None}
     args = list(argv)
     while args and args[0] != "--":
         flag = args.pop(0)
-        if flag == "--parent" and args:
-            parent = int(args.pop(0))
-        elif flag == "--cpus" and args:
-            cpus = {int(c) for c in args.pop(0).split(",") if c}
+        value = args.pop(0) if args else None
+        if value is None:
+            break
+        if flag == "--parent":
+            opts["parent"] = int(value)
+        elif flag == "--cpus":
+            opts["cpus"] = {int(c) for c in value.split(",") if c}
+        elif flag == "--cgroup":
+            opts["cgroups"].append(value)
+        elif flag == "--rlimit":
+            name, _, number = value.partition("=")
+            opts["rlimits"].append((RLIMITS[name], int(number)))
+        elif flag == "--uid":
+            opts["uid"] = int(value)
+        elif flag == "--netns":
+            ready, block = value.split(",")
+            opts["netns"] = (int(ready), int(block))
         else:
             print(f"labq launch: unknown argument {flag!r}", file=sys.stderr)
-            return EXIT_USAGE
-    if not args or len(args) < 2:
+            return None
+    if len(args) < 2:
         print("labq launch: usage: launch.py --parent PID -- PROGRAM ARGS...", file=sys.stderr)
+        return None
+    opts["program"] = args[1:]
+    return opts
+
+
+def _box(opts: dict) -> None:
+    """Join the cgroups, set the limits and become the job's uid (raises OSError)."""
+    for path in opts["cgroups"]:
+        with open(path, "w") as handle:
+            handle.write(str(os.getpid()))
+    for which, value in opts["rlimits"]:
+        resource.setrlimit(which, (value, value))
+    uid = opts["uid"]
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        if os.getuid() != uid or os.geteuid() != uid:
+            raise OSError("the uid switch did not take")
+
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def _own_network(ready_fd: int, block_fd: int) -> None:
+    """Enter a new user + network namespace, bring its loopback up, tell the worker our
+    pid (on ``ready_fd``) and wait (on ``block_fd``) until it gave the namespace a route
+    out (slirp4netns). bwrap, exec'd next without ``--unshare-net``, keeps this network.
+    Done here, in a process that waits for sure, so no race with the job's start."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    # The switch from root made us non-dumpable, which hands /proc/self to root: we
+    # could not write our own uid map. We are the job's own process now: allow it.
+    libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(user, net) failed")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as handle:
+            handle.write(text)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack("16sH14s", b"lo", 0, b"")
+        flags = struct.unpack("16sH14s", fcntl.ioctl(sock, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14s", b"lo", flags | IFF_UP, b""))
+    os.write(ready_fd, f"{os.getpid()}\n".encode())
+    os.close(ready_fd)
+    if os.read(block_fd, 1) != b"1":
+        raise OSError("the worker could not set up the job's network")
+    os.close(block_fd)
+
+
+def main(argv: list[str]) -> int:
+    opts = _options(argv)
+    if opts is None:
         return EXIT_USAGE
-    program = args[1:]
+    parent, cpus, program = opts["parent"], opts["cpus"], opts["program"]
+    try:
+        _box(opts)
+        if opts["netns"]:
+            _own_network(*opts["netns"])
+    except (OSError, ValueError) as exc:
+        print(f"labq launch: could not set up the job's sandbox: {exc}", file=sys.stderr)
+        return EXIT_SETUP
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         print("labq launch: prctl(PR_SET_PDEATHSIG) failed", file=sys.stderr)

@@ -13,9 +13,9 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from shared.bundle import zip_folder
-from shared.errors import BundleError
-from shared.storage import Storage
+from labq.shared.bundle import zip_folder
+from labq.shared.errors import BundleError
+from labq.shared.storage import Storage
 
 
 def store_results(storage: Storage, job_id: str, output: Path, max_bytes: int) -> int:

@@ -20,23 +20,63 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from process_unit import proctree, sandbox
-from process_unit.control import Control, Status
-from process_unit.envcache import EnvCache
-from process_unit.results import store_results
-from process_unit.supervisor import Supervisor, classify, new_token
-from shared.bundle import BundleLimits, extract_bundle
-from shared.errors import BundleTooLargeError, LabqError
-from shared.lifecycle import Outcome, State
-from shared.messages import JobMessage
-from shared.settings import MIB, Settings
-from shared.storage import Storage
+from labq.process_unit import proctree, sandbox
+from labq.process_unit.cgroups import run_name
+from labq.process_unit.control import Control, Status
+from labq.process_unit.envcache import BuildStoppedError, EnvCache
+from labq.process_unit.envlock import (
+    RERUN_LOCK,
+    read_environment,
+    record_environment,
+    write_environment,
+)
+from labq.process_unit.jobbox import HostSandbox, JobBox
+from labq.process_unit.results import store_results
+from labq.process_unit.supervisor import Supervisor, classify, new_token
+from labq.process_unit.usage import Usage, cpu_seconds, write_usage
+from labq.shared.bundle import OUTPUT_DIR, REQUIREMENTS, BundleLimits, extract_bundle
+from labq.shared.errors import BundleTooLargeError, LabqError
+from labq.shared.lifecycle import Outcome, State
+from labq.shared.messages import JobMessage
+from labq.shared.settings import MIB, Settings
+from labq.shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[..., Any]
 #: How often the job thread checks the process, its limits and the mailbox.
 POLL_S = 0.25
+
+
+def prepare_output(project: Path) -> None:
+    """Create ``output/`` before every run: a zip keeps no empty folder, and a script
+    that writes ``output/x`` must not fail for that."""
+    output = project / OUTPUT_DIR
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise LabqError("the project has a file named output, but output/ must be the "
+                        "folder the job writes its results to; rename that file")
+    output.mkdir(exist_ok=True)
+
+
+def _requirements(run: _Run, project: Path, workspace: Path,
+                  log_file: BinaryIO) -> Path | None:
+    """requirements.txt, or for a rerun the lock of the job it re-runs."""
+    if run.job.lock_of:
+        recorded = read_environment(run.storage, run.job.lock_of)
+        if recorded is None:  # it never got an environment (e.g. its install failed)
+            _note(log_file, f"job {run.job.lock_of} left no environment lock; "
+                            "installing requirements.txt")
+            requirements = project / REQUIREMENTS
+            return requirements if requirements.is_file() else None
+        packages = recorded.get("packages") or []
+        _note(log_file, f"using the exact packages of job {run.job.lock_of}")
+        if not packages:
+            return None
+        lock = workspace / RERUN_LOCK
+        lock.write_text("\n".join(packages) + "\n", encoding="utf-8")
+        return lock
+    requirements = project / REQUIREMENTS
+    return requirements if requirements.is_file() else None
 
 
 def header(attempt: int, worker: str) -> str:
@@ -64,6 +104,11 @@ class _Run:
         self.paused_total = 0.0
         self.paused_since: float | None = None
         self.memory_mb: float | None = None
+        self.taken_at = time.monotonic()
+        self.usage: Usage | None = None
+        self.environment: dict[str, Any] | None = None
+        self.sandbox: HostSandbox | None = None
+        self.box: JobBox | None = None
 
     def set_state(self, state: State, **fields: Any) -> None:
         self.state = state
@@ -78,27 +123,48 @@ class _Run:
         if sup is None:
             self.control.set_status(None)
             return
+        cpu = self.usage.cpu_s if self.usage else None
         self.control.set_status(Status(str(self.state), round(self.elapsed(sup), 3),
-                                       self.memory_mb))
+                                       self.memory_mb, cpu))
+
+    def measures(self) -> dict[str, float]:
+        if self.usage is None:
+            return {}
+        return {"peak_rss_mb": self.usage.peak_rss_mb, "cpu_s": self.usage.cpu_s}
 
     def finish(self, state: State, outcome: Outcome, exit_code: int | None = None,
                error: str | None = None) -> str:
+        measures = self.measures()
         record = {
             "state": str(state), "outcome": str(outcome), "exit_code": exit_code,
             "error": error, "attempt": self.attempt, "worker": self.worker, "at": time.time(),
+            **measures,
         }
+        # Written (again) once the job's processes are gone: the job can write to its
+        # folder while it runs, so what it may have put there is replaced.
+        if self.usage is not None:
+            write_usage(self.storage, self.job.job_id, self.usage)
+        if self.environment is not None:
+            write_environment(self.storage, self.job.job_id, self.environment)
         self.storage.write_outcome(self.job.job_id, record)
-        self.set_state(state, outcome=str(outcome), exit_code=exit_code, error=error)
+        self.set_state(state, outcome=str(outcome), exit_code=exit_code, error=error,
+                       **measures)
         return str(state)
 
 
 def run_job(job: JobMessage, settings: Settings, emit: Emit, control: Control, *,
             attempt: int, worker: str, storage: Storage | None = None,
-            envs: EnvCache | None = None) -> str:
-    """Run ``job`` (attempt number ``attempt``) to its end; see the module docstring."""
+            envs: EnvCache | None = None, sandbox: HostSandbox | None = None) -> str:
+    """Run ``job`` (attempt number ``attempt``) to its end; see the module docstring.
+
+    ``sandbox``: the worker's :class:`HostSandbox` (None: no sandbox, as in unit tests).
+    """
     storage = storage or Storage(settings.data_dir).ensure()
-    envs = envs or EnvCache(settings, storage)
+    sandbox = sandbox or HostSandbox.off(settings)
+    settings = sandbox.settings
+    envs = envs or EnvCache(settings, storage, sandbox.build_box())
     run = _Run(job, settings, storage, emit, control, attempt, worker)
+    run.sandbox = sandbox
     log_path = storage.log_path(job.job_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     workspace = settings.resolved_work_dir / f"{job.job_id}-{attempt}"
@@ -109,11 +175,15 @@ def run_job(job: JobMessage, settings: Settings, emit: Emit, control: Control, *
             return _run(run, job, settings, storage, envs, workspace, log_file)
         except LabqError as exc:
             # A platform error: the researcher's script never got to run (or labq broke).
-            _note(log_file, f"failed: {exc.message}")
+            # uv's own output is already in the log just above: name the failure once.
+            first, _, rest = exc.message.partition("\n")
+            _note(log_file, f"failed: {first}" + (" (details above)" if rest else ""))
             log.warning("job %s failed: %s", job.job_id, exc.message)
             return run.finish(State.FAILED, Outcome.FAILED, error=exc.message)
         finally:
             control.set_status(None)
+            if run.box is not None:
+                run.box.close()  # nothing of the job survives, its uid goes back
             shutil.rmtree(workspace, ignore_errors=True)
 
 
@@ -128,26 +198,50 @@ def _run(run: _Run, job: JobMessage, settings: Settings, storage: Storage, envs:
     bundle = storage.bundle_path(job.bundle_sha256)
     if not bundle.exists():
         raise LabqError(f"the job's bundle {job.bundle_sha256[:12]} is missing from the data dir")
+    # What is run must be what was uploaded: a bundle changed on the volume is refused.
+    storage.verify_bundle(job.bundle_sha256)
     extract_bundle(bundle, project, BundleLimits.from_settings(settings))
+    prepare_output(project)
     if control.stop_requested:
         _note(log_file, "stopped by the user before it ran")
         return run.finish(State.STOPPED, Outcome.CANCELLED)
     if control.shutdown_requested:
         run.set_state(State.QUEUED)
         return "queued"
-    requirements = project / "requirements.txt"
-    with envs.acquire(requirements if requirements.is_file() else None, log_file) as env_dir:
-        run.set_state(State.INITIALIZED)
+    requirements = _requirements(run, project, workspace, log_file)
+    try:
+        return _run_in_env(run, job, envs, requirements, project, workspace, log_file)
+    except BuildStoppedError:
+        _note(log_file, "stopped by the user while its environment was being built")
+        return run.finish(State.STOPPED, Outcome.CANCELLED)
+
+
+def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path | None,
+                project: Path, workspace: Path, log_file: BinaryIO) -> str:
+    storage, control = run.storage, run.control
+    with envs.acquire(requirements, log_file,
+                      cancelled=lambda: control.stop_requested) as env_dir:
+        run.environment = record_environment(storage, job.job_id, env_dir)
+        run.set_state(State.INITIALIZED, env_s=round(time.monotonic() - run.taken_at, 3))
         if control.stop_requested:
             _note(log_file, "stopped by the user before it ran")
             return run.finish(State.STOPPED, Outcome.CANCELLED)
+        for folder in ("home", "tmp"):
+            (workspace / folder).mkdir(exist_ok=True)
+        assert run.sandbox is not None
+        run.box = box = run.sandbox.open(
+            workspace=workspace, memory_mb=job.memory_mb, cpus=job.cpus,
+            max_output_bytes=job.max_output_bytes, network=job.network,
+            name=run_name(f"{job.job_id[:12]}-{run.attempt}"))
         command = sandbox.build_command(
             env_dir=env_dir, project=project, workspace=workspace,
             entrypoint=job.entrypoint, args=job.args, user_env=job.env, job_id=job.job_id,
-            attempt=run.attempt, token=new_token(), cpus=job.cpus,
+            attempt=run.attempt, token=new_token(), cpus=job.cpus, jail=box.jail,
         )
-        sup = Supervisor(command, log_file.fileno())
+        sup = Supervisor(command, log_file.fileno(), finder=box.processes)
+        run.usage = Usage()
         sup.start()
+        box.started()
         run.set_state(State.STARTED)
         try:
             verdict = _supervise(run, sup, log_file)
@@ -155,6 +249,16 @@ def _run(run: _Run, job: JobMessage, settings: Settings, storage: Storage, envs:
             if sup.processes():  # never leave anything of the job behind
                 sup.kill_now()
             run.publish_status(None)
+    sup.wait()
+    # Anything the job left running (in its cgroup or as its uid) goes before its
+    # output/ is read: nothing of the job can change what labq stores as results.
+    box.kill()
+    if verdict == "exited" and box.out_of_memory():
+        verdict = "memory"
+        peak = box.cgroup.peak_bytes() if box.cgroup else None
+        if peak:
+            run.memory_mb = round(peak / MIB)
+    run.usage.finish()
     return _conclude(run, sup, verdict, project, log_file)
 
 
@@ -167,14 +271,18 @@ def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> str:
         if sup.poll() is not None:
             return "exited"
         now = time.monotonic()
-        if job.timeout_s and now - sup.started_at >= job.timeout_s:
+        # Running time only: a paused job is not charged (as Slurm does for suspended jobs).
+        if job.timeout_s and run.elapsed(sup) >= job.timeout_s:
             _note(log_file, f"time limit of {job.timeout_s} s reached; stopping the job")
             sup.kill(settings.stop_grace_s)
             return "timeout"
         if now >= next_memory:
             next_memory = now + POLL_S
-            used = sup.memory_bytes()
+            procs = sup.processes()
+            used = proctree.rss_bytes(procs)
             run.memory_mb = round(used / MIB, 1)
+            if run.usage is not None:
+                run.usage.sample(run.elapsed(sup), used, cpu_seconds(procs))
             if limit_bytes and used > limit_bytes:
                 run.memory_mb = round(used / MIB)
                 sup.kill_now()
@@ -205,7 +313,7 @@ def _conclude(run: _Run, sup: Supervisor, verdict: str, project: Path,
               log_file: BinaryIO) -> str:
     job = run.job
     returncode = sup.wait()
-    exit_info = classify(returncode)
+    exit_info = classify(returncode, shell_convention=bool(run.box and run.box.jail.bwrap))
     if verdict == "shutdown":
         run.set_state(State.QUEUED)
         return "queued"
@@ -223,14 +331,15 @@ def _conclude(run: _Run, sup: Supervisor, verdict: str, project: Path,
         error = f"the job ran longer than its time limit of {job.timeout_s} s"
     elif verdict == "memory":
         outcome = Outcome.ERROR
-        error = (f"out of memory: the job used {run.memory_mb:.0f} MB, "
-                 f"its limit is {job.memory_mb} MB")
+        error = (f"out of memory (limit {job.memory_mb} MB): the job used "
+                 f"{run.memory_mb or 0:.0f} MB at its peak")
     else:  # stop
         outcome = Outcome.CANCELLED
     if error:
         _note(log_file, error)
     try:
-        size = store_results(run.storage, job.job_id, project / "output", job.max_output_bytes)
+        size = store_results(run.storage, job.job_id, project / OUTPUT_DIR,
+                             job.max_output_bytes)
         _note(log_file, f"stored {size} bytes of output/")
     except BundleTooLargeError as exc:
         _note(log_file, f"results not stored: {exc.message}")

@@ -2,8 +2,16 @@
 
 Everything the job process gets is decided here, from scratch: no variable of the
 worker's own environment (broker URL, database URL, credentials, other ``LABQ_*``)
-reaches user code. A later step can wrap ``argv`` with bubblewrap and a user switch
-without touching the supervisor.
+reaches user code. With a :class:`Jail` the command is
+
+    launch.py (root: join the cgroup, set rlimits, drop to the job's uid, arm the
+    death signal) → bwrap (new user, pid, ipc, uts, mount and network namespaces) →
+    the job's interpreter
+
+so bwrap is never run as root (root inside would keep its capabilities), and inside it
+the job sees its workspace (writable), its environment and the host's /usr and /etc
+(read-only), a private /tmp and /dev/shm of ``tmp_mb`` each, its own /proc — and
+nothing else: not the data dir, other jobs, the database or labq's settings.
 """
 
 from __future__ import annotations
@@ -24,10 +32,59 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 
 
 @dataclass(frozen=True)
+class Jail:
+    """How to box one run (see :mod:`labq.process_unit.isolation` for the layers)."""
+
+    #: The job's own uid (None: run as the worker, no uid layer).
+    uid: int | None = None
+    #: Path of bwrap (None: no namespaces).
+    bwrap: str | None = None
+    #: A route out through slirp4netns (jobs the server lets reach the network): the
+    #: (ready, block) fds the launcher reports its own network namespace on (netbox.py).
+    net_fds: tuple[int, int] | None = None
+    #: The job's /etc/resolv.conf when it has a network (slirp4netns's DNS).
+    resolv_conf: Path | None = None
+    #: Size of the private /tmp and /dev/shm, each.
+    tmp_mb: int = 256
+    #: ``cgroup.procs`` files the launcher joins before dropping privileges.
+    cgroup_procs: tuple[Path, ...] = ()
+    #: Resource limits the launcher sets: (name, value), e.g. ("NOFILE", 4096).
+    rlimits: tuple[tuple[str, int], ...] = ()
+
+
+def bwrap_argv(bwrap: str, *, workspace: Path, project: Path, env_dir: Path, tmp_mb: int,
+               own_network: bool = False, resolv_conf: Path | None = None) -> list[str]:
+    """bwrap's options: what the job sees. Paths keep their host names so the cached
+    environment (built at that path) works unchanged. Every job has a network namespace
+    of its own: bwrap's empty one, or (``own_network``) the one its launcher made and
+    the worker routed out (netbox.py)."""
+    from labq.process_unit.isolation import system_links
+
+    size = str(tmp_mb * 1024 * 1024)
+    resolv = ["--ro-bind", str(resolv_conf), "/etc/resolv.conf"] if resolv_conf else []
+    return [
+        bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try", *([] if own_network else ["--unshare-net"]),
+        "--die-with-parent", "--new-session", "--hostname", "labq-job",
+        "--ro-bind", "/usr", "/usr", *system_links(), "--ro-bind", "/etc", "/etc", *resolv,
+        "--proc", "/proc", "--dev", "/dev",
+        "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm",
+        "--ro-bind", str(env_dir), str(env_dir),
+        "--bind", str(workspace), str(workspace),
+        # The root is bwrap's own tmpfs: read-only, so the job writes only its workspace
+        # and its bounded /tmp and /dev/shm.
+        "--remount-ro", "/",
+        "--chdir", str(project),
+    ]
+
+
+@dataclass(frozen=True)
 class Command:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    #: File descriptors the job's launcher inherits (the network pipes).
+    pass_fds: tuple[int, ...] = ()
 
 
 def choose_cpus(cpus: int) -> list[int]:
@@ -50,8 +107,10 @@ def build_command(
     attempt: int,
     token: str,
     cpus: int = 0,
+    jail: Jail | None = None,
 ) -> Command:
     """argv + env + cwd of one job run (see docs/internals.md, "The job's process")."""
+    jail = jail or Jail()
     home = workspace / "home"
     tmp = workspace / "tmp"
     home.mkdir(parents=True, exist_ok=True)
@@ -61,7 +120,7 @@ def build_command(
         **user_env,  # the manifest cannot name reserved variables (shared.manifest)
         "PATH": f"{env_dir / 'bin'}:/usr/local/bin:/usr/bin:/bin",
         "HOME": str(home),
-        "TMPDIR": str(tmp),
+        "TMPDIR": "/tmp" if jail.bwrap else str(tmp),
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
         "VIRTUAL_ENV": str(env_dir),
@@ -75,5 +134,19 @@ def build_command(
         launch += ["--cpus", ",".join(str(c) for c in chosen)]
         for name in _THREAD_VARS:
             env.setdefault(name, str(len(chosen)))
-    argv = [*launch, "--", str(python), "-u", entrypoint, *args]
-    return Command(argv=argv, env=env, cwd=project)
+    for path in jail.cgroup_procs:
+        launch += ["--cgroup", str(path)]
+    for name, value in jail.rlimits:
+        launch += ["--rlimit", f"{name}={value}"]
+    if jail.uid is not None:
+        launch += ["--uid", str(jail.uid)]
+    if jail.net_fds:
+        launch += ["--netns", ",".join(str(fd) for fd in jail.net_fds)]
+    program = [str(python), "-u", entrypoint, *args]
+    if jail.bwrap:
+        program = [*bwrap_argv(jail.bwrap, workspace=workspace, project=project,
+                               env_dir=env_dir, tmp_mb=jail.tmp_mb,
+                               own_network=bool(jail.net_fds), resolv_conf=jail.resolv_conf),
+                   *program]
+    return Command(argv=[*launch, "--", *program], env=env, cwd=project,
+                   pass_fds=tuple(jail.net_fds or ()))

@@ -17,10 +17,11 @@ import secrets
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from process_unit import proctree
-from process_unit.sandbox import TOKEN_VAR, Command
+from labq.process_unit import proctree
+from labq.process_unit.sandbox import TOKEN_VAR, Command
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,11 @@ class Exit:
         return self.exit_code == 0
 
 
-def classify(returncode: int) -> Exit:
+def classify(returncode: int, shell_convention: bool = False) -> Exit:
+    """``shell_convention``: the job ran under bwrap, which reports a child killed by
+    signal N as exit code 128+N (as shells do); turn that back into ``-N``."""
+    if shell_convention and 128 < returncode < 128 + 32:
+        returncode = 128 - returncode
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -58,8 +63,12 @@ class Supervisor:
     signal (PR_SET_PDEATHSIG) fires when the *thread* that forked it exits.
     """
 
-    def __init__(self, command: Command, log_fd: int, token: str | None = None) -> None:
+    def __init__(self, command: Command, log_fd: int, token: str | None = None,
+                 finder: Callable[[], dict[int, proctree.Proc] | None] | None = None) -> None:
         self.command = command
+        #: The sandbox's view of the run's processes (its uid and cgroup), which no
+        #: setsid, double fork or empty environment escapes; else the tree walk.
+        self.finder = finder
         self.log_fd = log_fd
         self.token = token or command.env.get(TOKEN_VAR) or new_token()
         self.popen: subprocess.Popen[bytes] | None = None
@@ -77,6 +86,7 @@ class Supervisor:
             stderr=self.log_fd,
             start_new_session=True,  # its own session: terminal signals never reach it
             close_fds=True,
+            pass_fds=self.command.pass_fds,
         )
         self.started_at = time.monotonic()
         log.info("started pid %d: %s", self.popen.pid, " ".join(self.command.argv[-3:]))
@@ -93,6 +103,10 @@ class Supervisor:
         return code
 
     def processes(self) -> dict[int, proctree.Proc]:
+        if self.finder is not None:
+            found = self.finder()
+            if found is not None:
+                return found
         root = self.pid if self.popen and self.popen.returncode is None else None
         return proctree.tree(root, TOKEN_VAR, self.token)
 

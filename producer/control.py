@@ -8,9 +8,9 @@ doing nothing.
 
 from __future__ import annotations
 
-from producer.publisher import Publisher, UnroutableError
-from shared.errors import LabqError
-from shared.messages import ControlMessage
+from labq.producer.publisher import Publisher, UnroutableError
+from labq.shared.errors import LabqError
+from labq.shared.messages import ControlMessage
 
 
 class WorkerUnreachableError(LabqError):

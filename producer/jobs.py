@@ -17,11 +17,11 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select
 
-from producer.publisher import Publisher
-from shared import db
-from shared.lifecycle import State
-from shared.messages import JobMessage
-from shared.topology import JOB_ROUTING_KEY
+from labq.producer.publisher import Publisher
+from labq.shared import db
+from labq.shared.lifecycle import State
+from labq.shared.messages import JobMessage
+from labq.shared.topology import JOB_ROUTING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,10 @@ def job_message(row: Mapping[str, Any]) -> JobMessage:
         memory_mb=int(spec.get("memory_mb", 0)),
         cpus=int(spec.get("cpus", 0)),
         max_output_bytes=int(spec.get("max_output_bytes", 0)),
+        network=bool(spec.get("network", False)),
         submitted_at=float(row["created_at"] or 0.0),
+        # A rerun installs the exact packages the job it re-runs had.
+        lock_of=row.get("rerun_of") or "",
     )
 
 
@@ -65,8 +68,8 @@ def publish_job(engine: Engine, publisher: Publisher, job_id: str) -> bool:
     """
     with engine.connect() as conn:
         row = conn.execute(select(db.jobs).where(db.jobs.c.id == job_id)).mappings().first()
-    if row is None or row["state"] != State.CREATED:
-        return False
+    if row is None or row["state"] != State.CREATED or row["hold_reason"]:
+        return False  # gone, moved on, or held back by fair share (producer/fairshare.py)
     publisher.publish(publisher.topology.jobs_exchange, JOB_ROUTING_KEY,
                       job_message(row).encode())
     return mark_queued(engine, job_id)

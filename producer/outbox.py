@@ -1,7 +1,8 @@
 """The outbox relay: publishes jobs the upload request could not (broker down).
 
-A background thread wakes every ``settings.outbox_interval_s`` and publishes every job
-still ``created`` a couple of seconds after its upload (younger ones belong to the
+A background thread wakes every ``settings.outbox_interval_s``, releases jobs fair share
+held back whose owner now has room (:mod:`producer.fairshare`), and publishes every job
+still ``created`` (and not held) a couple of seconds after its upload (younger ones belong to the
 request that is publishing them right now). While the broker is down it backs off
 exponentially, so a long outage does not turn into a connect storm.
 """
@@ -14,12 +15,13 @@ import time
 
 from sqlalchemy import Engine, select
 
-from producer.jobs import publish_job
-from producer.publisher import Publisher
-from shared import db
-from shared.errors import BrokerUnavailableError
-from shared.lifecycle import State
-from shared.settings import Settings
+from labq.producer import fairshare
+from labq.producer.jobs import publish_job
+from labq.producer.publisher import Publisher
+from labq.shared import db
+from labq.shared.errors import BrokerUnavailableError
+from labq.shared.lifecycle import State
+from labq.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +45,17 @@ class OutboxRelay(threading.Thread):
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(db.jobs.c.id)
-                .where(db.jobs.c.state == State.CREATED, db.jobs.c.created_at < cutoff)
+                .where(db.jobs.c.state == State.CREATED, db.jobs.c.created_at < cutoff,
+                       db.jobs.c.hold_reason.is_(None))
                 .order_by(db.jobs.c.created_at)
                 .limit(BATCH)
             ).all()
         return [r.id for r in rows]
 
     def relay_once(self) -> int:
-        """Publish what is pending; return how many jobs were queued. Raises when down."""
+        """Release what fair share now allows, publish what is pending; return how many
+        jobs were queued. Raises when the broker is down."""
+        fairshare.release_held(self.engine, self.settings)
         queued = 0
         for job_id in self.pending():
             if publish_job(self.engine, self.publisher, job_id):

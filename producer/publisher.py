@@ -18,9 +18,9 @@ import pika
 import pika.exceptions
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from shared.errors import BrokerUnavailableError, LabqError
-from shared.settings import Settings
-from shared.topology import PERSISTENT, TRANSIENT, Topology, close_quietly, connect
+from labq.shared.errors import BrokerUnavailableError, LabqError
+from labq.shared.settings import Settings
+from labq.shared.topology import PERSISTENT, TRANSIENT, Topology, close_quietly, connect
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,16 @@ class Publisher:
                         channel.close()
             except pika.exceptions.ChannelClosedByBroker as exc:
                 raise BrokerUnavailableError(f"queue {queue!r} does not exist") from exc
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self._drop()
+                raise BrokerUnavailableError(f"RabbitMQ is unreachable: {exc!r}") from exc
+
+    def redeclare(self) -> None:
+        """Declare the topology again (a queue someone deleted comes back, empty)."""
+        with self._lock:
+            self._ensure(force=True, attempts=1)
+            try:
+                self.topology.declare_all(self._channel)
             except (pika.exceptions.AMQPError, OSError) as exc:
                 self._drop()
                 raise BrokerUnavailableError(f"RabbitMQ is unreachable: {exc!r}") from exc

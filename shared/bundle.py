@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from shared.errors import BundleError, BundleTooLargeError, ManifestError, MissingEntrypointError
-from shared.manifest import MANIFEST_NAME, JobSpec, parse_manifest, resolve_spec
-from shared.settings import Settings
+from labq.shared.errors import (
+    BundleError,
+    BundleTooLargeError,
+    ManifestError,
+    MissingEntrypointError,
+)
+from labq.shared.manifest import MANIFEST_NAME, JobSpec, parse_manifest, resolve_spec
+from labq.shared.requirements import check_bundle_requirements
+from labq.shared.settings import Settings
 
 ENTRYPOINTS = ("code.py", "main_script.py")
 REQUIREMENTS = "requirements.txt"
@@ -171,6 +177,9 @@ def inspect_bundle(
                 if info.file_size > 64 * 1024:
                     raise ManifestError("labq.toml is larger than 64 KiB", field="labq.toml")
                 manifest = parse_manifest(zf.read(info))
+            check_bundle_requirements(
+                lambda rel: zf.read(next(i for i, p in members if p == prefix / rel)),
+                [p.relative_to(prefix) for p in paths])
             if zf.testzip() is not None:
                 raise BundleError("the zip is damaged (a file fails its checksum); zip it again")
         except RuntimeError as exc:  # zipfile's word for "encrypted"

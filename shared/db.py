@@ -1,12 +1,16 @@
 """The database: tables, engine, and the one compare-and-set that changes a job's state.
 
 SQLAlchemy Core over SQLite (default, WAL mode) or PostgreSQL (``LABQ_DATABASE_URL``).
-Two tables:
+Tables:
 
 * ``jobs`` — one row per job, with a column per state timestamp and ``seq``, the
-  sequence number of the last lifecycle event applied.
+  sequence number of the last lifecycle event applied, its ``owner`` (a user name) and,
+  while fair share holds it back, ``hold_reason``.
 * ``events`` — every applied lifecycle change, with a global auto-increment id that
   the server-sent event stream uses as ``id:`` (so ``Last-Event-ID`` can resume).
+* ``users``, ``api_tokens`` — accounts (argon2 password hash) and their API tokens
+  (only the sha256 of a token is stored); ``login_failures`` — recent wrong passwords,
+  for rate limiting across backend processes.
 
 Only :func:`compare_and_set` changes a job's ``state``: it updates the row only if the
 state and ``seq`` are still what the caller read, and consults :mod:`shared.lifecycle`
@@ -22,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Engine,
     Float,
@@ -31,13 +36,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     update,
 )
 
-from shared import lifecycle
-from shared.settings import Settings
+from labq.shared import lifecycle
+from labq.shared.settings import Settings
 
 metadata = MetaData()
 
@@ -59,12 +65,30 @@ jobs = Table(
     Column("bundle_bytes", BigInteger, nullable=False, default=0),
     Column("spec", Text, nullable=False),  # JSON of shared.manifest.JobSpec
     Column("seq", Integer, nullable=False, default=0),
-    Column("idempotency_key", String(200), unique=True),
+    Column("idempotency_key", String(200)),
     Column("updated_at", Float, nullable=False),
     *(Column(column, Float) for column in STATE_TIMESTAMPS.values()),
+    # The user name of whoever submitted it (NULL only for jobs older than accounts).
+    Column("owner", String(64)),
+    # Why fair share keeps this ``created`` job off the queue for now (NULL: it is not held).
+    Column("hold_reason", String(200)),
+    # Migration 0006: what a researcher wants to know about a run, sweeps, reruns, webhooks.
+    Column("paused_s", Float),
+    Column("env_s", Float),
+    Column("run_s", Float),
+    Column("peak_rss_mb", Float),
+    Column("cpu_s", Float),
+    Column("group_id", String(32)),
+    Column("rerun_of", String(32)),
+    Column("notify_url", Text),
     Index("ix_jobs_created", "created_at", "id"),
+    Index("ix_jobs_group", "group_id"),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
+    Index("ix_jobs_owner_created", "owner", "created_at", "id"),
+    Index("ix_jobs_owner_state", "owner", "state"),
+    # Idempotency keys are per user: one user's key never returns another user's job.
+    UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_key"),
 )
 
 events = Table(
@@ -77,6 +101,44 @@ events = Table(
     Column("outcome", String(16)),
     Column("at", Float, nullable=False),
     Column("data", Text, nullable=False),  # the event as JSON, as streamed to clients
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("password_hash", String(255)),  # argon2id; NULL: no password (tokens only)
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+    # Bumped under a row lock whenever fair share decides for this user's jobs, so two
+    # backends deciding at once are serialised (see backend/fairshare.py).
+    Column("dispatch_seq", Integer, nullable=False, default=0),
+    UniqueConstraint("name", name="uq_users_name"),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", Integer, nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("token_hash", String(64), nullable=False),  # sha256 hex of the token
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+    Column("revoked_at", Float),
+    Index("ix_api_tokens_hash", "token_hash", unique=True),
+    Index("ix_api_tokens_user", "user_id"),
+)
+
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", String(300), nullable=False),  # "<user name>|<client address>"
+    Column("at", Float, nullable=False),
+    Index("ix_login_failures_key_at", "key", "at"),
 )
 
 
@@ -101,7 +163,10 @@ def make_engine(settings: Settings) -> Engine:
             cursor.close()
     else:
         engine = create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
-    metadata.create_all(engine)
+    # The schema is Alembic's (shared/migrations); create_all would skip the history.
+    from labq.shared import migrations
+
+    migrations.upgrade(engine)
     return engine
 
 

@@ -102,7 +102,34 @@ class EnvironmentBuildError(LabqError):
     code = "environment_failed"
 
 
-class WorkerLostError(LabqError):
-    """Raised when a job lost its worker more often than ``max_attempts`` allows."""
+class UnauthorizedError(LabqError):
+    """No valid credentials: a missing, unknown, revoked or disabled user's token."""
 
-    code = "worker_lost"
+    code = "unauthorized"
+    status = 401
+
+
+class ForbiddenError(LabqError):
+    """Signed in, but the request is not allowed (missing CSRF token, admins only)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class TooManyRequestsError(LabqError):
+    """A limit was reached (wrong passwords, a user's job quota); ``retry_after_s`` says
+    when trying again makes sense."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int | None = None, **details: object):
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class AccountError(LabqError):
+    """A user-management request that cannot be done (unknown user, name taken, ...)."""
+
+    code = "account_error"
+    status = 400

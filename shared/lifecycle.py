@@ -1,6 +1,6 @@
 """The job lifecycle: states, allowed transitions and outcomes.
 
-This module is the only place that knows the state machine of DESIGN.md::
+This module is the only place that knows the state machine of docs/design.md::
 
     created → queued → initialized → started ⇄ paused → completed → stopped
     any non-terminal → stopped (user stop)   any non-terminal → failed
@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.errors import ConflictError
+from labq.shared.errors import ConflictError
 
 
 class State(StrEnum):

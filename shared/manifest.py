@@ -9,8 +9,13 @@ A researcher may write, at the top of their project folder::
     cpus = 2                          # CPUs the job may use
     max_output_mb = 500               # largest output/ accepted
 
+    notify_url = "https://hooks.example.org/labq"   # a JSON POST when the job ends
+
     [env]
     SEED = "42"
+
+    [sweep]                           # one job per combination (shared/sweep.py)
+    lr = [0.1, 0.01]
 
 Anything missing takes the server default (``LABQ_DEFAULT_*``); anything above the
 server maximum (``LABQ_MAX_*``) or malformed is a :class:`ManifestError` (HTTP 422)
@@ -24,12 +29,13 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import ManifestError
-from shared.settings import MIB, Settings
+from labq.shared.errors import ManifestError
+from labq.shared.settings import MIB, Settings
 
 MANIFEST_NAME = "labq.toml"
 KNOWN_KEYS = {
     "entrypoint", "args", "timeout_s", "memory_mb", "cpus", "max_output_mb", "env", "name",
+    "sweep", "notify_url", "network",
 }
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Variables a job may not set: they would let user code reach into labq or its runtime.
@@ -47,6 +53,8 @@ class JobSpec:
     memory_mb: int = 0
     cpus: int = 0
     max_output_bytes: int = 0
+    #: The job may reach the network (only if the server allows it: LABQ_ALLOW_NETWORK).
+    network: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +65,7 @@ class JobSpec:
             "memory_mb": self.memory_mb,
             "cpus": self.cpus,
             "max_output_bytes": self.max_output_bytes,
+            "network": self.network,
         }
 
 
@@ -95,6 +104,14 @@ def _positive_int(data: dict[str, Any], key: str, default: int, maximum: int) ->
     return value
 
 
+def check_env_name(name: Any, field: str) -> None:
+    """A name a job may set in its environment (``[env]`` and ``[sweep]`` alike)."""
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ManifestError(f"{field} name {name!r} is not a valid variable name", field=field)
+    if _RESERVED_ENV.match(name):
+        raise ManifestError(f"{field} name {name!r} is reserved by labq", field=field)
+
+
 def resolve_spec(data: dict[str, Any], entrypoint: str, settings: Settings) -> JobSpec:
     """Apply server defaults and maxima to a parsed manifest (form overrides merged in)."""
     args = data.get("args", [])
@@ -105,15 +122,19 @@ def resolve_spec(data: dict[str, Any], entrypoint: str, settings: Settings) -> J
         raise ManifestError("env must be a table of NAME = \"value\" pairs", field="env")
     env: dict[str, str] = {}
     for name, value in env_in.items():
-        if not _ENV_NAME.match(name):
-            raise ManifestError(f"env name {name!r} is not a valid variable name", field="env")
-        if _RESERVED_ENV.match(name):
-            raise ManifestError(f"env name {name!r} is reserved by labq", field="env")
+        check_env_name(name, field="env")
         if not isinstance(value, str | int | float | bool):
             raise ManifestError(f"env {name} must be a string, got {value!r}", field="env")
         env[name] = str(value).lower() if isinstance(value, bool) else str(value)
     max_output_mb = settings.max_output_bytes // MIB
     default_output_mb = settings.default_max_output_bytes // MIB
+    network = data.get("network", False)
+    if not isinstance(network, bool):
+        raise ManifestError("network must be true or false", field="network")
+    if network and not settings.allow_network:
+        raise ManifestError("this server does not let jobs reach the network (network = "
+                            "true); remove it, or ask the lab's admin (LABQ_ALLOW_NETWORK)",
+                            field="network")
     return JobSpec(
         entrypoint=entrypoint,
         args=[str(a) for a in args],
@@ -127,4 +148,5 @@ def resolve_spec(data: dict[str, Any], entrypoint: str, settings: Settings) -> J
         cpus=_positive_int(data, "cpus", settings.default_cpus, settings.max_cpus),
         max_output_bytes=_positive_int(data, "max_output_mb", default_output_mb, max_output_mb)
         * MIB,
+        network=network,
     )

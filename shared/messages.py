@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Self
 
-from shared.errors import DecodeError
+from labq.shared.errors import DecodeError
 
 SCHEMA_VERSION = 1
 #: Sequence numbers are ``attempt * SEQ_PER_ATTEMPT + n`` so a retry's events always
@@ -98,6 +98,10 @@ class JobMessage(_Message):
     cpus: int = 0
     max_output_bytes: int = 0
     submitted_at: float = 0.0
+    #: The job may reach the network (the server allowed it at upload).
+    network: bool = False
+    #: A job id whose recorded environment lock replaces requirements.txt (a rerun).
+    lock_of: str = ""
 
     def _check(self) -> None:
         super()._check()
@@ -124,6 +128,11 @@ class LifecycleEvent(_Message):
     error: str | None = None
     worker: str | None = None
     at: float = field(default_factory=time.time)
+    #: Measurements (shared.durations.MEASURES): on ``initialized`` the seconds spent
+    #: preparing the run, on the final events the run's peak memory and CPU time.
+    env_s: float | None = None
+    peak_rss_mb: float | None = None
+    cpu_s: float | None = None
 
     @property
     def routing_key(self) -> str:
@@ -141,6 +150,8 @@ class StatusEvent(_Message):
     worker: str | None = None
     memory_mb: float | None = None
     at: float = field(default_factory=time.time)
+    #: CPU seconds the job's processes used so far (for the live chart).
+    cpu_s: float | None = None
 
     @property
     def routing_key(self) -> str:

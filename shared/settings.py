@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from labq.shared.errors import ConfigError
 
 MIB = 1024 * 1024
 
@@ -39,6 +39,9 @@ class Settings:
     workers: int = 2
     #: gunicorn threads per backend process; each open event/log stream holds one.
     backend_threads: int = 64
+    #: Most live streams (events, logs) open at once; 0 = all threads but 16 (kept for
+    #: the API and the pages). One more gets 503 with Retry-After.
+    max_streams: int = 0
     #: Base URL of the server for the CLI.
     url: str = "http://127.0.0.1:8080"
     #: A name for this worker (shown on jobs); empty means ``<hostname>-<pid>``.
@@ -89,8 +92,49 @@ class Settings:
     env_build_timeout_s: int = 1800
 
     # -- backend --------------------------------------------------------------
+    #: How often the reconciler checks that queued jobs still have a message.
+    reconcile_interval_s: float = 15.0
+    #: A job queued this long with an empty queue and no worker on it is published again.
+    reconcile_after_s: float = 60.0
     #: Jobs still ``created`` this long after upload are re-published by the outbox relay.
     outbox_interval_s: float = 2.0
+    #: Most jobs one ``[sweep]`` may make.
+    max_group_size: int = 100
+    #: Let webhooks (notify_url) reach loopback and private addresses (a lab-internal
+    #: chat bridge, tests); off by default so a job cannot make the server probe its LAN.
+    webhook_allow_private: bool = False
+
+    # -- accounts and the web ---------------------------------------------------
+    #: Signs session cookies; empty means one generated once into ``<data_dir>/secret-key``.
+    secret_key: str = ""
+    #: Host names the backend answers to (comma-separated; ``.example.org`` matches its
+    #: subdomains, ``*`` any host). Empty: the bound address, localhost and 127.0.0.1.
+    allowed_hosts: str = ""
+    #: Behind a reverse proxy: trust one hop of X-Forwarded-For/-Proto/-Host.
+    trust_proxy: bool = False
+    #: Jobs one user may have queued or running at once (0: no limit); more wait, held.
+    max_running_per_user: int = 0
+    #: Unfinished jobs (held included) one user may have; more are refused with 429.
+    max_queued_per_user: int = 0
+    #: Wrong passwords per user and client address per minute before logins answer 429.
+    login_failures_per_minute: int = 5
+
+    # -- the job sandbox (process_unit/isolation.py) -------------------------------
+    #: ``auto``: every layer this host allows, saying which; ``required``: refuse to start
+    #: a worker without all of them; ``off``: jobs run as the worker (development only).
+    sandbox: str = "auto"
+    #: Numeric uids jobs run as, ``FIRST-LAST``: one per running job, no passwd entries.
+    sandbox_uids: str = "60000-60999"
+    #: The uid environment builds (uv, setup.py) run as; never a job's, never labq's.
+    build_uid: int = 59999
+    #: Size of a job's private /tmp and of its /dev/shm (each).
+    job_tmp_mb: int = 256
+    #: Most processes and threads one job may have at once.
+    job_max_procs: int = 512
+    #: Most open files per job process.
+    job_max_open_files: int = 4096
+    #: Let jobs whose labq.toml says ``network = true`` reach the network.
+    allow_network: bool = False
 
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

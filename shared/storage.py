@@ -13,8 +13,11 @@
                                         on purpose (a worker shutting down put it back)
     <data>/jobs/<id>/cancelled          marker: a user stopped the job before it ran
     <data>/jobs/<id>/run.lock           held (flock) by the worker running the job
-    <data>/envs/<hash>/                 cached Python environments
+    <data>/workers/<name>.json          each worker's sandbox layers (for /readyz)
     <data>/tmp/                         uploads and results being written
+
+The data dir is 0700 (only labq's user enters it). Environments and job workspaces are
+not here but in each worker host's ``LABQ_WORK_DIR`` (``process_unit/isolation.py``).
 
 Everything that readers may see is written to a temporary name and renamed into
 place, so nobody ever reads half a file. The backend and the workers meet only here
@@ -23,6 +26,7 @@ and on RabbitMQ.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,11 +36,18 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from shared.errors import NotFoundError
+from labq.shared.errors import LabqError, NotFoundError
+
+
+class BundleTamperedError(LabqError):
+    """Raised when a stored bundle's content no longer matches its sha256 name."""
+
+    code = "bundle_tampered"
+    status = 500
+
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -55,12 +66,16 @@ class Storage:
         self.root = Path(data_dir).resolve()
         self.bundles = self.root / "bundles"
         self.jobs = self.root / "jobs"
-        self.envs = self.root / "envs"
         self.tmp = self.root / "tmp"
 
     def ensure(self) -> Storage:
-        for folder in (self.root, self.bundles, self.jobs, self.envs, self.tmp):
+        for folder in (self.root, self.bundles, self.jobs, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
+        # Only labq's own user may enter the data dir: even a job that runs without
+        # bubblewrap (as its own uid) cannot reach the database, bundles or logs.
+        with contextlib.suppress(PermissionError):
+            if self.root.stat().st_uid == os.geteuid():
+                os.chmod(self.root, 0o700)
         return self
 
     # -- bundles --------------------------------------------------------------
@@ -69,26 +84,30 @@ class Storage:
             raise NotFoundError(f"no bundle {sha256!r}")
         return self.bundles / sha256[:2] / f"{sha256}.zip"
 
-    @contextmanager
-    def temp_file(self, suffix: str = "") -> Iterator[tuple[Path, IO[bytes]]]:
-        """A temporary file on the data volume (so renaming it into place is atomic)."""
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=suffix)
-        path = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                yield path, handle
-        finally:
-            path.unlink(missing_ok=True)
-
     def store_bundle(self, staged: Path, sha256: str) -> Path:
-        """Move a staged upload to its content-addressed place (kept if already there)."""
+        """Move a staged upload to its content-addressed place.
+
+        A file already there is kept only if its content still has that hash: one that
+        was changed on the volume is replaced by the upload (whose hash was just taken),
+        so a poisoned copy can never stand in for what a researcher sends.
+        """
         final = self.bundle_path(sha256)
-        if final.exists():
+        if final.exists() and sha256_of(final) == sha256:
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, final)
         return final
+
+    def verify_bundle(self, sha256: str) -> Path:
+        """The bundle's path once its content is checked against its name (the worker
+        runs only what was uploaded); raises BundleTamperedError otherwise."""
+        path = self.bundle_path(sha256)
+        actual = sha256_of(path)
+        if actual != sha256:
+            raise BundleTamperedError(
+                f"the stored bundle {sha256[:12]} no longer matches its sha256 (it is "
+                f"{actual[:12]}): it was changed on the data volume; upload the job again")
+        return path
 
     # -- per job --------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
@@ -217,3 +236,26 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def regular_files(folder: Path) -> Iterator[tuple[str, IO[bytes]]]:
+    """(relative posix path, open file) of every regular file under ``folder``, sorted.
+
+    Written by jobs, these folders may hold symlinks, FIFOs or devices: nothing is
+    followed (``O_NOFOLLOW``, no symlinked folders), only regular files are yielded,
+    and a ``folder`` that is itself a symlink yields nothing.
+    """
+    if folder.is_symlink() or folder.parent.is_symlink() or not folder.is_dir():
+        return
+    for current, dirs, names in os.walk(folder, followlinks=False):
+        here = Path(current)
+        dirs[:] = sorted(d for d in dirs if not (here / d).is_symlink())
+        for name in sorted(names):
+            path = here / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            with os.fdopen(fd, "rb") as handle:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    yield path.relative_to(folder).as_posix(), handle

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pika
 
-from shared.settings import Settings
+from labq.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 

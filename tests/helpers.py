@@ -8,23 +8,28 @@ dir and a unique queue prefix, and tears them down and deletes its queues afterw
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pika
 import requests
 
-from shared.settings import Settings
-from shared.topology import Topology
+from labq.shared.settings import Settings
+from labq.shared.topology import Topology
 
 REPO = Path(__file__).resolve().parent.parent
 RABBITMQ_URL = os.environ.get("LABQ_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -62,6 +67,14 @@ def pid_alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def signed_in_client(app: Any) -> Any:
+    """Flask's test client for ``app``, sending the admin token labq made on first start."""
+    client = app.test_client()
+    token = (app.extensions["labq"].settings.data_dir / "admin-token").read_text().strip()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
@@ -117,12 +130,18 @@ class LabqSystem:
         self.data_dir = tmp / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = unique_prefix()
+        # Jobs run as their own uids inside bwrap, which must reach the work dir: pytest's
+        # tmp (under a 0700 folder) will not do, so the work dir lives in /var/tmp.
+        self.work_dir = Path(tempfile.mkdtemp(prefix=f"labq-work-{self.prefix}-",
+                                              dir="/var/tmp"))
+        os.chmod(self.work_dir, 0o711)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("LABQ_")},
             "LABQ_RABBITMQ_URL": rabbitmq_url,
             "LABQ_DATA_DIR": str(self.data_dir),
+            "LABQ_WORK_DIR": str(self.work_dir),
             "LABQ_PREFIX": self.prefix,
             "LABQ_PORT": str(self.port),
             "LABQ_URL": self.url,
@@ -131,12 +150,17 @@ class LabqSystem:
             "LABQ_OUTBOX_INTERVAL_S": "0.5",
             "LABQ_UV_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            # `labq login` saves tokens here: never the tester's own ~/.config/labq.
+            "XDG_CONFIG_HOME": str(tmp / "config"),
             **(env or {}),
         }
         if os.environ.get("LABQ_DATABASE_URL"):
             self.env["LABQ_DATABASE_URL"] = isolated_database_url(
                 os.environ["LABQ_DATABASE_URL"], self.prefix)
         self.settings = Settings.from_env(self.env)
+        #: A requests session signed in as the admin labq creates on its first start.
+        self.http = requests.Session()
+        self.token = ""
         self.backend: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self._n_workers = workers
@@ -149,7 +173,7 @@ class LabqSystem:
         self._logs.append(log)
         handle = open(log, "ab")  # noqa: SIM115 - closed with the process
         return subprocess.Popen(
-            [sys.executable, "-m", "client.cli", *args],
+            [sys.executable, "-m", "labq.client.cli", *args],
             cwd=REPO, env={**self.env, **(extra_env or {})},
             stdout=handle, stderr=subprocess.STDOUT,
         )
@@ -157,6 +181,31 @@ class LabqSystem:
     def start_backend(self) -> None:
         self.backend = self._spawn("backend", "backend")
         wait_until(self._healthy, timeout=30, message=f"backend on {self.url}")
+        # Written before the backend serves anything (first start, no users yet).
+        self.token = (self.data_dir / "admin-token").read_text().strip()
+        self.http.headers["Authorization"] = f"Bearer {self.token}"
+
+    # -- accounts ----------------------------------------------------------------
+    def labq(self, *args: str, input: str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the ``labq`` CLI against this system (server-side commands included)."""
+        return subprocess.run([sys.executable, "-m", "labq.client.cli", *args], cwd=REPO,
+                              env={**self.env, **(env or {})}, input=input, text=True,
+                              capture_output=True, timeout=60)
+
+    def add_user(self, name: str, admin: bool = False, password: str | None = None) -> str:
+        """Create a user with ``labq user add`` (and a password); return their API token."""
+        done = self.labq("user", "add", name, *(["--admin"] if admin else []))
+        assert done.returncode == 0, done.stderr
+        if password is not None:
+            passwd = self.labq("user", "passwd", name, input=f"{password}\n")
+            assert passwd.returncode == 0, passwd.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    def session_for(self, token: str) -> requests.Session:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {token}"
+        return session
 
     def start_worker(self, name: str | None = None) -> subprocess.Popen[bytes]:
         name = name or f"w{len(self.workers) + 1}"
@@ -191,6 +240,7 @@ class LabqSystem:
                 proc.kill()
                 proc.wait()
         delete_topology(self.prefix, self.env["LABQ_RABBITMQ_URL"])
+        shutil.rmtree(self.work_dir, ignore_errors=True)
         url = self.env.get("LABQ_DATABASE_URL", "")
         if url.startswith("postgresql"):
             import sqlalchemy
@@ -211,13 +261,13 @@ class LabqSystem:
     def submit(self, files: dict[str, str | bytes] | bytes, root: str | None = "proj",
                **form: str) -> dict[str, Any]:
         body = files if isinstance(files, bytes) else make_zip(files, root)
-        resp = requests.post(self.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
-                             data=form, timeout=30)
+        resp = self.http.post(self.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
+                              data=form, timeout=30)
         assert resp.status_code == 201, resp.text
         return resp.json()
 
     def job(self, job_id: str) -> dict[str, Any]:
-        resp = requests.get(self.api(f"/api/v1/jobs/{job_id}"), timeout=10)
+        resp = self.http.get(self.api(f"/api/v1/jobs/{job_id}"), timeout=10)
         resp.raise_for_status()
         return resp.json()
 
@@ -242,8 +292,36 @@ class LabqSystem:
         return self.wait_for_state(job_id, {"stopped", "failed"}, timeout)
 
     def log(self, job_id: str) -> str:
-        return requests.get(self.api(f"/api/v1/jobs/{job_id}/log"), timeout=10).text
+        return self.http.get(self.api(f"/api/v1/jobs/{job_id}/log"), timeout=10).text
 
     def set_state(self, job_id: str, state: str) -> requests.Response:
-        return requests.put(self.api(f"/api/v1/jobs/{job_id}/state"), json={"state": state},
-                            timeout=10)
+        return self.http.put(self.api(f"/api/v1/jobs/{job_id}/state"), json={"state": state},
+                             timeout=10)
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 answering ``statuses`` in turn (then 200)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.bodies: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                length = int(self.headers.get("Content-Length", 0))
+                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request, stream_with_context
+from flask import Blueprint, Response, request
 
-from backend.services import services
-from backend.sse import event_stream, latest_event_id
-from shared.errors import BadRequestError
+from labq.backend.scope import owner_filter
+from labq.backend.services import services
+from labq.backend.sse import event_stream, latest_event_id
+from labq.backend.streams import sse_response
+from labq.shared.errors import BadRequestError
 
 bp = Blueprint("events", __name__, url_prefix="/api/v1/events")
 
@@ -22,8 +24,4 @@ def stream() -> Response:
             raise BadRequestError(f"Last-Event-ID must be a number, got {raw!r}") from None
     else:
         after = latest_event_id(svc)  # a new listener gets what happens from now on
-    resp = Response(stream_with_context(event_stream(svc, after)),
-                    mimetype="text/event-stream")
-    resp.headers["Cache-Control"] = "no-cache"
-    resp.headers["X-Accel-Buffering"] = "no"
-    return resp
+    return sse_response(svc.streams, event_stream(svc, after, owner_filter()))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from backend.errors import error_response
-from backend.services import Services, services
-from shared.errors import BrokerUnavailableError
+from labq.backend.errors import error_response
+from labq.backend.scope import owner_filter
+from labq.backend.services import Services, services
+from labq.backend.waiting import busy_workers
+from labq.shared.errors import BrokerUnavailableError
 
 bp = Blueprint("health", __name__)
 
@@ -30,7 +35,30 @@ def readyz() -> Response:
                               " and ".join(names[n] for n in down)
                               + (" are" if len(down) > 1 else " is") + " unreachable",
                               checks=checks)
-    return jsonify({"status": "ready", "checks": checks})
+    return jsonify({"status": "ready", "checks": checks,
+                    "sandbox": sandbox_reports(svc.settings.data_dir)})
+
+
+#: A worker touches its report every 30 s; older ones belong to workers that are gone.
+REPORT_FRESH_S = 120.0
+
+
+def sandbox_reports(data_dir: Path) -> dict[str, Any]:
+    """Which sandbox layers each live worker uses (``<data_dir>/workers/<name>.json``,
+    written by the worker at start): a lab admin sees at a glance if one degraded."""
+    reports: dict[str, Any] = {}
+    now = time.time()
+    for path in sorted((Path(data_dir) / "workers").glob("*.json")):
+        try:
+            if now - path.stat().st_mtime > REPORT_FRESH_S:
+                continue
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        reports[path.stem] = {key: data.get(key) for key in (
+            "host", "mode", "complete", "uid_pool", "bwrap", "network_isolation", "cgroup",
+            "rlimits", "missing")}
+    return reports
 
 
 def queue_stats(svc: Services) -> dict[str, Any]:
@@ -38,14 +66,19 @@ def queue_stats(svc: Services) -> dict[str, Any]:
     try:
         messages, consumers = svc.publisher.queue_info(name)
     except BrokerUnavailableError as exc:
-        return {"name": name, "messages": None, "consumers": None, "error": exc.message}
-    return {"name": name, "messages": messages, "consumers": consumers}
+        return {"name": name, "messages": None, "consumers": None, "workers": None,
+                "error": exc.message}
+    # A busy worker cancels its consumer while it runs a job: count those too.
+    busy, _ = busy_workers(svc.engine)
+    return {"name": name, "messages": messages, "consumers": consumers,
+            "busy_workers": busy, "workers": consumers + busy}
 
 
 @bp.get("/api/v1/stats")
 def stats() -> Response:
     svc = services()
-    return jsonify({"queue": queue_stats(svc), "jobs": svc.registry.counts()})
+    return jsonify({"queue": queue_stats(svc), "jobs": svc.registry.counts(owner_filter()),
+                    "sandbox": sandbox_reports(svc.settings.data_dir)})
 
 
 @bp.get("/metrics")
@@ -63,7 +96,14 @@ def metrics() -> Response:
                   f"labq_queue_messages {queue['messages']}",
                   "# HELP labq_queue_consumers Workers consuming the jobs queue.",
                   "# TYPE labq_queue_consumers gauge",
-                  f"labq_queue_consumers {queue['consumers']}"]
+                  f"labq_queue_consumers {queue['consumers']}",
+                  "# HELP labq_workers Workers connected (idle consumers + busy workers).",
+                  "# TYPE labq_workers gauge",
+                  f"labq_workers {queue['workers']}"]
     lines += ["# HELP labq_event_streams Open server-sent event streams.",
-              "# TYPE labq_event_streams gauge", f"labq_event_streams {len(svc.hub)}"]
+              "# TYPE labq_event_streams gauge", f"labq_event_streams {len(svc.hub)}",
+              "# HELP labq_streams_open Open live streams (events and logs) of this process.",
+              "# TYPE labq_streams_open gauge", f"labq_streams_open {len(svc.streams)}",
+              "# HELP labq_streams_limit Most live streams this process keeps open.",
+              "# TYPE labq_streams_limit gauge", f"labq_streams_limit {svc.streams.limit}"]
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")

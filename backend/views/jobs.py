@@ -8,18 +8,24 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from backend.registry import job_to_json
-from backend.services import services
-from backend.uploads import StagedUpload
-from producer.jobs import publish_job
-from shared.bundle import clean_name, inspect_bundle
-from shared.errors import (
+from labq.backend import search
+from labq.backend.auth import current_identity
+from labq.backend.groups import create_sweep, group_summary, notify_url_of
+from labq.backend.jobfields import jobs_json
+from labq.backend.registry import DEFAULT_LIMIT, MAX_LIMIT, job_to_json
+from labq.backend.scope import owner_filter, visible_job
+from labq.backend.services import services
+from labq.backend.uploads import StagedUpload
+from labq.producer.jobs import publish_job
+from labq.shared import sweep
+from labq.shared.bundle import clean_name, inspect_bundle
+from labq.shared.errors import (
     BadRequestError,
     BrokerUnavailableError,
     BundleTooLargeError,
     ManifestError,
 )
-from shared.lifecycle import user_allowed_targets
+from labq.shared.lifecycle import user_allowed_targets
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +73,28 @@ def submit_job() -> tuple[Response, int]:
         raise BundleTooLargeError(
             f"the upload is larger than this server accepts ({limit / (1024 * 1024):.1f} "
             "MiB at most); leave data sets out of the bundle")
-    if key and (existing := svc.registry.find_by_key(key)) is not None:
+    owner = current_identity().name
+    if key and (existing := svc.registry.find_by_key(key, owner)) is not None:
         return _job_response(existing, 200)
     overrides = form_overrides()
     fallback = clean_name(PurePath(upload.filename or "job").stem)
     info, spec = inspect_bundle(staged.path, svc.settings, fallback_name=fallback,
                                 overrides=overrides)
+    combos = sweep.combinations(info.manifest.get("sweep"), svc.settings.max_group_size)
+    notify_url = notify_url_of(info, request.form.get("notify_url"), svc.settings)
     svc.storage.store_bundle(staged.path, staged.sha256)
+    if combos:
+        return _group_response(svc, info, spec, combos, staged, notify_url, key)
     job, created = svc.registry.create(name=info.name, spec=spec, bundle_sha256=staged.sha256,
-                                       bundle_bytes=staged.size, idempotency_key=key)
+                                       bundle_bytes=staged.size, idempotency_key=key,
+                                       owner=owner,
+                                       extra={"notify_url": notify_url} if notify_url else None)
     if not created:
         return _job_response(job, 200)
+    if job["hold_reason"]:
+        log.info("job %s (%s) of %s accepted and held: %s", job["id"], job["name"], owner,
+                 job["hold_reason"])
+        return _job_response(job, 201)
     try:
         publish_job(svc.engine, svc.publisher, job["id"])
     except BrokerUnavailableError as exc:
@@ -85,6 +102,23 @@ def submit_job() -> tuple[Response, int]:
         log.warning("job %s stays created for now: %s", job["id"], exc.message)
     log.info("job %s (%s) accepted, %d bytes", job["id"], job["name"], staged.size)
     return _job_response(svc.registry.get(job["id"]), 201)
+
+
+def _group_response(svc: Any, info: Any, spec: Any, combos: list[dict[str, str]],
+                    staged: StagedUpload, notify_url: str | None,
+                    key: str | None) -> tuple[Response, int]:
+    """A sweep upload: the first member's JSON plus the group (ids, size, links)."""
+    members, created = create_sweep(svc, info, spec, combos, bundle_sha256=staged.sha256,
+                                    bundle_bytes=staged.size, notify_url=notify_url,
+                                    idempotency_key=key, owner=current_identity().name)
+    first = svc.registry.get(members[0]["id"])
+    resp, status = _job_response(first, 201 if created else 200)
+    body = resp.get_json()
+    group_id = first["group_id"]
+    body["group"] = {**group_summary(group_id, members),
+                     "job_ids": [m["id"] for m in members]}
+    resp.set_data(jsonify(body).get_data())
+    return resp, status
 
 
 def _job_response(job: dict[str, Any], status: int) -> tuple[Response, int]:
@@ -110,10 +144,18 @@ def int_arg(name: str, default: int | None = None, minimum: int = 0) -> int | No
 
 
 def list_jobs() -> tuple[list[dict[str, Any]], str | None]:
+    if any(request.args.get(p) for p in search.PARAMS):
+        limit = int_arg("limit", default=DEFAULT_LIMIT, minimum=1) or DEFAULT_LIMIT
+        if limit > MAX_LIMIT:
+            raise BadRequestError(f"limit must be between 1 and {MAX_LIMIT}", field="limit")
+        rows, cursor = search.search(services().engine, request.args.to_dict(), limit,
+                                     owner=owner_filter())
+        return jobs_json(services(), rows), cursor
     rows, cursor = services().registry.list(
         state=request.args.get("state") or None, name=request.args.get("name") or None,
-        limit=int_arg("limit", minimum=1), cursor=request.args.get("cursor") or None)
-    return [job_to_json(r) for r in rows], cursor
+        limit=int_arg("limit", minimum=1), cursor=request.args.get("cursor") or None,
+        owner=owner_filter())
+    return jobs_json(services(), rows), cursor
 
 
 def state_body(job: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +169,7 @@ def put_state(job_id: str) -> dict[str, Any]:
         raise BadRequestError('send JSON like {"state": "paused"} (or "started", "stopped")',
                               field="state")
     svc = services()
+    visible_job(job_id)  # another user's job is a 404 here too
     return svc.registry.request_state(job_id, data["state"], svc.publisher)
 
 
@@ -143,12 +186,13 @@ def index() -> Response:
 
 @bp.get("/<job_id>")
 def show(job_id: str) -> Response:
-    return jsonify(job_to_json(services().registry.get(job_id)))
+    svc = services()
+    return jsonify(jobs_json(svc, [visible_job(job_id)])[0])
 
 
 @bp.get("/<job_id>/state")
 def get_state(job_id: str) -> Response:
-    return jsonify(state_body(services().registry.get(job_id)))
+    return jsonify(state_body(visible_job(job_id)))
 
 
 @bp.put("/<job_id>/state")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, request, stream_with_context
+from flask import Blueprint, Response, request
 
-from backend.services import services
-from backend.sse import log_stream
-from shared.errors import BadRequestError
+from labq.backend.scope import visible_job
+from labq.backend.services import services
+from labq.backend.sse import log_stream
+from labq.backend.streams import sse_response
+from labq.shared.errors import BadRequestError
 
 bp = Blueprint("logs", __name__, url_prefix="/api/v1/jobs")
 
@@ -37,18 +39,14 @@ def wants_stream() -> bool:
 @bp.get("/<job_id>/log")
 def show(job_id: str) -> Response:
     svc = services()
-    svc.registry.get(job_id)  # 404 for an unknown job
+    visible_job(job_id)  # 404 for an unknown job, and for another user's
     offset = _offset()
     path = svc.storage.log_path(job_id)
     opened = svc.storage.open_job_file(job_id, path.name)  # 404 if it is not a real file
     if wants_stream():
         if opened is not None:
             opened.close()
-        resp = Response(stream_with_context(log_stream(svc, job_id, offset)),
-                        mimetype="text/event-stream")
-        resp.headers["Cache-Control"] = "no-cache"
-        resp.headers["X-Accel-Buffering"] = "no"
-        return resp
+        return sse_response(svc.streams, log_stream(svc, job_id, offset))
     size = os.fstat(opened.fileno()).st_size if opened is not None else 0
 
     def body() -> Iterator[bytes]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from backend.registry import job_to_json
-from backend.services import services
-from backend.views.jobs import list_jobs, put_state, state_body, submit_job
+from labq.backend.registry import job_to_json
+from labq.backend.scope import visible_job
+from labq.backend.views.jobs import list_jobs, put_state, state_body, submit_job
 
 bp = Blueprint("nrp", __name__, url_prefix="/simulation")
 
@@ -24,12 +24,12 @@ def index() -> Response:
 
 @bp.get("/<job_id>")
 def show(job_id: str) -> Response:
-    return jsonify(job_to_json(services().registry.get(job_id)))
+    return jsonify(job_to_json(visible_job(job_id)))
 
 
 @bp.get("/<job_id>/state")
 def get_state(job_id: str) -> Response:
-    return jsonify(state_body(services().registry.get(job_id)))
+    return jsonify(state_body(visible_job(job_id)))
 
 
 @bp.put("/<job_id>/state")

@@ -12,10 +12,10 @@ bp = Blueprint("pages", __name__)
 
 
 def frontend_dir() -> Path:
-    return Path(str(files("frontend")))
+    return Path(str(files("labq.frontend")))
 
 
-def _page(name: str) -> Response:
+def page(name: str) -> Response:
     resp = send_from_directory(frontend_dir(), name, max_age=0)
     resp.headers["Cache-Control"] = "no-cache"
     return resp
@@ -23,26 +23,31 @@ def _page(name: str) -> Response:
 
 @bp.get("/")
 def home() -> Response:
-    return _page("index.html")
+    return page("index.html")
 
 
 @bp.get("/upload")
 def upload() -> Response:
-    return _page("upload.html")
+    return page("upload.html")
 
 
 @bp.get("/results")
 def results() -> Response:
-    return _page("results.html")
+    return page("results.html")
 
 
 @bp.get("/jobs/<job_id>")
 def job(job_id: str) -> Response:
-    return _page("job.html")
+    return page("job.html")
+
+
+@bp.get("/account")
+def account() -> Response:
+    return page("account.html")
 
 
 @bp.get("/static/<path:filename>")
 def static_file(filename: str) -> Response:
     if filename.endswith(".py") or filename.startswith(("_", ".")):
         raise NotFound()
-    return _page(filename)
+    return page(filename)

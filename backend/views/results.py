@@ -13,8 +13,9 @@ from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, send_file
 
-from backend.services import services
-from shared.errors import NotFoundError
+from labq.backend.scope import visible_job
+from labq.backend.services import services
+from labq.shared.errors import NotFoundError
 
 bp = Blueprint("results", __name__, url_prefix="/api/v1/jobs")
 
@@ -28,7 +29,7 @@ def _no_results(job: dict) -> NotFoundError:
 @bp.get("/<job_id>/results")
 def archive(job_id: str) -> Response:
     svc = services()
-    job = svc.registry.get(job_id)
+    job = visible_job(job_id)
     handle = svc.storage.open_job_file(job_id, svc.storage.results_zip(job_id).name)
     if handle is None:
         raise _no_results(job)
@@ -45,7 +46,7 @@ def _results_dir(job: dict) -> Path:
 
 @bp.get("/<job_id>/results/files")
 def files(job_id: str) -> Response:
-    job = services().registry.get(job_id)
+    job = visible_job(job_id)
     root = _results_dir(job)
     listing = []
     for current, dirs, names in os.walk(root, followlinks=False):
@@ -61,7 +62,7 @@ def files(job_id: str) -> Response:
 
 @bp.get("/<job_id>/results/files/<path:subpath>")
 def one_file(job_id: str, subpath: str) -> Response:
-    job = services().registry.get(job_id)
+    job = visible_job(job_id)
     root = _results_dir(job)
     missing = NotFoundError(f"job {job_id} has no result file {subpath!r}", path=subpath)
     parts = subpath.split("/")

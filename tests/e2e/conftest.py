@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from e2e_helpers import ADMIN_PASSWORD, new_context, sign_in
 
 CHROMIUM = Path(os.environ.get("LABQ_CHROMIUM", "/usr/bin/chromium"))
 SHOTS = Path(os.environ.get("LABQ_SHOTS_DIR", "/tmp/labq-shots"))
@@ -51,11 +52,18 @@ def browser() -> Iterator[object]:
             chromium.close()
 
 
+@pytest.fixture(scope="module")
+def admin_password(system) -> str:  # noqa: ANN001
+    """The admin labq made on its first start gets a known password for the browser."""
+    done = system.labq("user", "passwd", "admin", input=f"{ADMIN_PASSWORD}\n")
+    assert done.returncode == 0, done.stderr
+    return ADMIN_PASSWORD
+
+
 @pytest.fixture()
-def context(browser, system) -> Iterator[object]:  # noqa: ANN001 - playwright types
-    ctx = browser.new_context(base_url=system.url, viewport={"width": 1280, "height": 900},
-                              accept_downloads=True)
-    ctx.set_default_timeout(15_000)
+def context(browser, system, admin_password) -> Iterator[object]:  # noqa: ANN001
+    ctx = new_context(browser, system)
+    sign_in(ctx, system.url, "admin", admin_password)
     errors: list[str] = []
     ctx.on("weberror", lambda err: errors.append(str(err.error)))
     try:

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import requests
 from helpers import make_zip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -140,7 +139,7 @@ def test_upload_follow_results_and_job_page(context, system, tmp_path, shots) ->
     everything = job.locator("#download-all")
     expect(everything).to_be_visible()
     expect(everything).to_have_attribute("href", f"/api/v1/jobs/{job_id}/results")
-    resp = requests.get(system.api(f"/api/v1/jobs/{job_id}/results"), timeout=10)
+    resp = system.http.get(system.api(f"/api/v1/jobs/{job_id}/results"), timeout=10)
     assert resp.status_code == 200 and resp.content[:2] == b"PK"
     job.screenshot(path=str(shots / "job.png"), full_page=True)
 
@@ -163,7 +162,7 @@ def test_bad_upload_shows_the_server_message(page, system, tmp_path, shots) -> N
 
     page.goto("/upload")
     for path in (not_a_zip, no_entrypoint):
-        expected = requests.post(system.api("/api/v1/jobs"),
+        expected = system.http.post(system.api("/api/v1/jobs"),
                                  files={"bundle": (path.name, path.read_bytes())}, timeout=10)
         assert 400 <= expected.status_code < 500, expected.text
         message = expected.json()["error"]["message"]

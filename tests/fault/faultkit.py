@@ -28,8 +28,8 @@ from typing import Any
 import pika
 from helpers import LabqSystem, make_zip, wait_until
 
-from shared.messages import JobMessage
-from shared.topology import JOB_ROUTING_KEY, PERSISTENT, Topology
+from labq.shared.messages import JobMessage
+from labq.shared.topology import JOB_ROUTING_KEY, PERSISTENT, Topology
 
 HERE = Path(__file__).resolve().parent
 #: The kit's script (shared by the team) or the copy next to this file (for CI).
@@ -151,6 +151,10 @@ class ThrowawayBroker:
 FAULT_ENV = {
     "LABQ_SHUTDOWN_GRACE_S": "2",
     "LABQ_MAX_ATTEMPTS": "2",
+    # These tests watch their probe jobs through a host folder (heartbeats, run counts
+    # across attempts), which the job sandbox rightly hides from jobs: the sandbox is
+    # tested by tests/integration/test_sandbox.py and every other integration test.
+    "LABQ_SANDBOX": "off",
 }
 
 
@@ -206,7 +210,7 @@ if os.environ.get("FAULT_KILL_WORKER") == "1":
                 ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             break
-        if b"client.cli" in cmd and b"worker" in cmd:
+        if b"labq.client.cli" in cmd and b"worker" in cmd:
             record("kill-worker", worker_pid=pid)
             os.kill(pid, 9)
             break

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.fault
 
 
 def readyz(system: LabqSystem) -> requests.Response:
-    return requests.get(system.api("/readyz"), timeout=10)
+    return system.http.get(system.api("/readyz"), timeout=10)
 
 
 def test_broker_restart_with_jobs_queued_and_running(fault_system: LabqSystem,

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import requests
 from faultkit import (
     assert_never_concurrent,
     assert_one_outcome,
@@ -34,9 +33,9 @@ from faultkit import (
 )
 from helpers import LabqSystem, pid_alive, wait_until
 
-from shared.errors import DecodeError
-from shared.messages import JobMessage
-from shared.topology import Topology
+from labq.shared.errors import DecodeError
+from labq.shared.messages import JobMessage
+from labq.shared.topology import Topology
 
 pytestmark = pytest.mark.fault
 
@@ -55,7 +54,7 @@ def child_pid(fault_dir: Path, job_id: str) -> int:
 
 
 def results_text(system: LabqSystem, job_id: str) -> str:
-    resp = requests.get(system.api(f"/api/v1/jobs/{job_id}/results/files/result.txt"),
+    resp = system.http.get(system.api(f"/api/v1/jobs/{job_id}/results/files/result.txt"),
                         timeout=10)
     assert resp.status_code == 200, resp.text
     return resp.text

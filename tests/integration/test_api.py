@@ -17,8 +17,8 @@ import pytest
 import requests
 from helpers import LabqSystem, make_zip, wait_until
 
-from shared.messages import LifecycleEvent, event_seq
-from shared.topology import PERSISTENT, Topology
+from labq.shared.messages import LifecycleEvent, event_seq
+from labq.shared.topology import PERSISTENT, Topology
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +48,12 @@ def queue_depth(system: LabqSystem) -> int:
 
 
 def all_jobs(system: LabqSystem) -> list[str]:
-    return [j["id"] for j in requests.get(system.api("/api/v1/jobs?limit=500"),
+    return [j["id"] for j in system.http.get(system.api("/api/v1/jobs?limit=500"),
                                           timeout=10).json()["jobs"]]
 
 
 def post(system: LabqSystem, body: bytes, **form: str) -> requests.Response:
-    return requests.post(system.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
+    return system.http.post(system.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
                          data=form, timeout=30)
 
 
@@ -125,7 +125,7 @@ def test_manifest_error_names_the_field(api):
 def test_unknown_job_is_404_json(api):
     for path in ("/api/v1/jobs/" + "0" * 32, "/api/v1/jobs/nope/log",
                  "/api/v1/jobs/" + "1" * 32 + "/results", "/simulation/" + "2" * 32):
-        resp = requests.get(api.api(path), timeout=10)
+        resp = api.http.get(api.api(path), timeout=10)
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found", path
 
 
@@ -138,18 +138,18 @@ def test_submit_queues_one_message_then_pagination_and_filters(api):
     seen, cursor = [], None
     while True:
         params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
-        page = requests.get(api.api("/api/v1/jobs"), params=params, timeout=10).json()
+        page = api.http.get(api.api("/api/v1/jobs"), params=params, timeout=10).json()
         assert len(page["jobs"]) <= 2
         seen += [j["id"] for j in page["jobs"]]
         cursor = page["next_cursor"]
         if not cursor:
             break
     assert seen[:5] == list(reversed(ids))
-    named = requests.get(api.api("/api/v1/jobs"), params={"name": "page1"}, timeout=10).json()
+    named = api.http.get(api.api("/api/v1/jobs"), params={"name": "page1"}, timeout=10).json()
     assert {j["id"] for j in named["jobs"]} == set(ids[1::2])
-    queued = requests.get(api.api("/api/v1/jobs"), params={"state": "queued"}, timeout=10)
+    queued = api.http.get(api.api("/api/v1/jobs"), params={"state": "queued"}, timeout=10)
     assert set(ids) <= {j["id"] for j in queued.json()["jobs"]}
-    stats = requests.get(api.api("/api/v1/stats"), timeout=10).json()
+    stats = api.http.get(api.api("/api/v1/stats"), timeout=10).json()
     assert stats["queue"]["messages"] == depth + 5 and stats["queue"]["consumers"] == 0
     assert stats["jobs"]["queued"] >= 5
 
@@ -157,10 +157,10 @@ def test_submit_queues_one_message_then_pagination_and_filters(api):
 def test_idempotency_key(api):
     body = make_zip({"code.py": ""})
     headers = {"Idempotency-Key": f"key-{time.time()}"}
-    first = requests.post(api.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
+    first = api.http.post(api.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
                           headers=headers, timeout=30)
     depth = queue_depth(api)
-    again = requests.post(api.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
+    again = api.http.post(api.api("/api/v1/jobs"), files={"bundle": ("b.zip", body)},
                           headers=headers, timeout=30)
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"]
@@ -168,17 +168,17 @@ def test_idempotency_key(api):
 
 
 def test_nrp_routes(api):
-    resp = requests.post(api.api("/simulation"),
+    resp = api.http.post(api.api("/simulation"),
                          files={"bundle": ("b.zip", make_zip({"code.py": ""}))}, timeout=30)
     assert resp.status_code == 201
     sim = resp.json()["id"]
-    assert sim in [j["id"] for j in requests.get(api.api("/simulation"), timeout=10).json()]
-    assert requests.get(api.api(f"/simulation/{sim}"), timeout=10).json()["state"] == "queued"
-    state = requests.get(api.api(f"/simulation/{sim}/state"), timeout=10).json()
+    assert sim in [j["id"] for j in api.http.get(api.api("/simulation"), timeout=10).json()]
+    assert api.http.get(api.api(f"/simulation/{sim}"), timeout=10).json()["state"] == "queued"
+    state = api.http.get(api.api(f"/simulation/{sim}/state"), timeout=10).json()
     assert state["state"] == "queued" and state["allowed"] == ["stopped"]
-    bad = requests.put(api.api(f"/simulation/{sim}/state"), json={"state": "paused"}, timeout=10)
+    bad = api.http.put(api.api(f"/simulation/{sim}/state"), json={"state": "paused"}, timeout=10)
     assert bad.status_code == 409 and bad.json()["error"]["allowed"] == ["stopped"]
-    stop = requests.put(api.api(f"/simulation/{sim}/state"), json={"state": "stopped"},
+    stop = api.http.put(api.api(f"/simulation/{sim}/state"), json={"state": "stopped"},
                         timeout=10)
     assert stop.status_code == 200 and stop.json()["state"] == "stopped"
     assert api.job(sim)["outcome"] == "cancelled"
@@ -186,14 +186,14 @@ def test_nrp_routes(api):
 
 
 def test_readyz_openapi_metrics(api):
-    ready = requests.get(api.api("/readyz"), timeout=10)
+    ready = api.http.get(api.api("/readyz"), timeout=10)
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok",
                                                                    "broker": "ok"}
-    spec = requests.get(api.api("/api/v1/openapi.json"), timeout=10).json()
+    spec = api.http.get(api.api("/api/v1/openapi.json"), timeout=10).json()
     assert spec["openapi"] == "3.0.3" and "/api/v1/events" in spec["paths"]
-    metrics = requests.get(api.api("/metrics"), timeout=10).text
+    metrics = api.http.get(api.api("/metrics"), timeout=10).text
     assert "labq_queue_messages" in metrics and "labq_broker_up 1" in metrics
-    assert requests.get(api.api("/"), timeout=10).headers["Content-Type"].startswith("text/html")
+    assert api.http.get(api.api("/"), timeout=10).headers["Content-Type"].startswith("text/html")
 
 
 def publish_event(system: LabqSystem, event: LifecycleEvent) -> None:
@@ -226,7 +226,7 @@ def test_events_applied_streamed_in_order_and_log_followed(api):
     """Events a worker would publish reach the job, the event stream and the log stream."""
     job_id = api.submit({"code.py": ""})["id"]
     received: list = []
-    stream = requests.get(api.api("/api/v1/events"), stream=True, timeout=30)
+    stream = api.http.get(api.api("/api/v1/events"), stream=True, timeout=30)
     reader = threading.Thread(target=read_sse, args=(
         stream, received, lambda e, d: e == "lifecycle" and '"stopped"' in "".join(d)))
     reader.start()
@@ -234,7 +234,7 @@ def test_events_applied_streamed_in_order_and_log_followed(api):
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("first line\n")
     log_lines: list = []
-    log_resp = requests.get(api.api(f"/api/v1/jobs/{job_id}/log"), stream=True, timeout=30,
+    log_resp = api.http.get(api.api(f"/api/v1/jobs/{job_id}/log"), stream=True, timeout=30,
                             headers={"Accept": "text/event-stream"})
     log_reader = threading.Thread(target=read_sse, args=(log_resp, log_lines,
                                                          lambda e, d: e == "end"))
@@ -265,7 +265,7 @@ def test_events_applied_streamed_in_order_and_log_followed(api):
     assert "first line" in text and "second line" in text
     assert log_lines[-1][0] == "end"
     # Resume after a given event id replays what came after it.
-    first_id = requests.get(api.api("/api/v1/events"), stream=True, timeout=10,
+    first_id = api.http.get(api.api("/api/v1/events"), stream=True, timeout=10,
                             headers={"Last-Event-ID": "0"})
     replay: list = []
     read_sse(first_id, replay, lambda e, d: e == "lifecycle" and job_id in "".join(d)
@@ -281,15 +281,15 @@ def test_api_keeps_answering_while_many_streams_are_open(api):
     try:
         for i in range(40):
             path = "/api/v1/events" if i % 2 else f"/api/v1/jobs/{job_id}/log"
-            resp = requests.get(api.api(path), stream=True, timeout=10,
+            resp = api.http.get(api.api(path), stream=True, timeout=10,
                                 headers={"Accept": "text/event-stream"})
             assert resp.status_code == 200
             streams.append(resp)
         began = time.monotonic()
         for _ in range(10):
-            assert requests.get(api.api("/api/v1/jobs?limit=5"), timeout=5).status_code == 200
+            assert api.http.get(api.api("/api/v1/jobs?limit=5"), timeout=5).status_code == 200
         assert time.monotonic() - began < 5
-        metrics = requests.get(api.api("/metrics"), timeout=5).text
+        metrics = api.http.get(api.api("/metrics"), timeout=5).text
         # Streams of earlier tests may linger until their next keep-alive write fails.
         open_streams = int(metrics.split("labq_event_streams ")[-1].split()[0])
         assert open_streams >= 20
@@ -312,7 +312,7 @@ def test_a_job_cannot_turn_its_log_or_results_into_a_window_on_the_host(api, tmp
     # Then no route serves what the links point at
     for path in ("log", "log?follow=1", "results", "results/files",
                  "results/files/secret.txt"):
-        resp = requests.get(api.api(f"/api/v1/jobs/{job['id']}/{path}"), timeout=10,
+        resp = api.http.get(api.api(f"/api/v1/jobs/{job['id']}/{path}"), timeout=10,
                             headers={"Accept": "text/event-stream"} if "follow" in path else {})
         assert "S3CRET" not in resp.text, path
         assert resp.status_code == 404, (path, resp.status_code, resp.text[:200])
@@ -325,9 +325,10 @@ def test_result_files_are_shown_inline_but_sandboxed(api):
     results = api.data_dir / "jobs" / job["id"] / "results"
     results.mkdir(parents=True)
     (results / "report.html").write_text("<script>fetch('/api/v1/jobs')</script>")
-    resp = requests.get(api.api(f"/api/v1/jobs/{job['id']}/results/files/report.html"),
+    resp = api.http.get(api.api(f"/api/v1/jobs/{job['id']}/results/files/report.html"),
                         timeout=10)
     # Then it is served, but its scripts cannot act as labq's origin
     assert resp.status_code == 200
-    assert resp.headers["Content-Security-Policy"] == "sandbox"
+    csp = [d.strip() for d in resp.headers["Content-Security-Policy"].split(";")]
+    assert csp == ["sandbox", "frame-ancestors 'none'"]
     assert resp.headers["X-Content-Type-Options"] == "nosniff"

@@ -21,8 +21,10 @@ def labq(system: LabqSystem, *args: str, timeout: float = 120.0,
          cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABQ_")}
     env["LABQ_URL"] = system.url
+    env["LABQ_TOKEN"] = system.token  # a researcher's machine: a token, no data dir
+    env["XDG_CONFIG_HOME"] = str(system.tmp / "config")
     env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], cwd=cwd or REPO,
+    return subprocess.run([sys.executable, "-m", "labq.client.cli", *args], cwd=cwd or REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 

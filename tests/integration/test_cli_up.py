@@ -4,9 +4,11 @@ reports a worker that dies, and stops everything cleanly on SIGTERM with exit co
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,20 +45,28 @@ def children_of(pid: int) -> list[int]:
 
 
 class Up:
-    def __init__(self, tmp: Path, workers: int = 2) -> None:
+    def __init__(self, tmp: Path, workers: int = 2, labq: list[str] | None = None) -> None:
+        """``labq up`` in ``tmp``; ``labq``: how to call the CLI (default: this checkout)."""
         self.port = free_port()
         self.prefix = unique_prefix()
+        # Reachable by job uids (pytest's tmp is not), and removed at close.
+        self.work_dir = Path(tempfile.mkdtemp(prefix=f"labq-work-{self.prefix}-",
+                                              dir="/var/tmp"))
+        os.chmod(self.work_dir, 0o711)
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("LABQ_")}
         self.env.update({
             "LABQ_RABBITMQ_URL": RABBITMQ_URL, "LABQ_PORT": str(self.port),
             "LABQ_PREFIX": self.prefix, "LABQ_DATA_DIR": str(tmp / "data"),
+            "LABQ_WORK_DIR": str(self.work_dir),
             "LABQ_WORKERS": str(workers), "LABQ_SHUTDOWN_GRACE_S": "5",
             "LABQ_STOP_GRACE_S": "2", "LABQ_UV_OFFLINE": "1", "LABQ_URL": self.url,
-            "PYTHONPATH": str(REPO),
         })
+        if labq is None:
+            self.env["PYTHONPATH"] = str(REPO)
+        self.labq = labq or [sys.executable, "-m", "labq.client.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "up"], cwd=tmp, env=self.env,
+            [*self.labq, "up"], cwd=tmp, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -89,9 +99,10 @@ class Up:
             self.proc.kill()
             self.proc.wait()
         delete_topology(self.prefix, RABBITMQ_URL)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def test_up_runs_jobs_reports_a_dead_worker_and_stops_cleanly(broker, tmp_path):
+def test_up_runs_jobs_restarts_a_dead_worker_and_stops_cleanly(broker, tmp_path):
     up = Up(tmp_path, workers=2)
     try:
         up.wait_for(f"labq is running at {up.url} (2 workers) — Ctrl-C to stop")
@@ -101,17 +112,21 @@ def test_up_runs_jobs_reports_a_dead_worker_and_stops_cleanly(broker, tmp_path):
 
         env = {**up.env}
         result = subprocess.run(
-            [sys.executable, "-m", "client.cli", "submit", str(REPO / "examples" / "hello"),
+            [sys.executable, "-m", "labq.client.cli", "submit", str(REPO / "examples" / "hello"),
              "--wait"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (result.stdout, result.stderr, up.output)
         # Data went to LABQ_DATA_DIR, relative to where `labq up` ran.
         assert (tmp_path / "data" / "jobs").is_dir()
 
-        # A worker that dies is reported, not restarted silently.
+        # A worker that dies (a crash, or a job that killed it) is reported and restarted.
         worker_pid = max(kids)
         os.kill(worker_pid, signal.SIGKILL)
-        up.wait_for("exited with code -9", timeout=20)
-        assert "1 worker(s) left" in up.output
+        up.wait_for("exited with code -9; restarting it in 1 s", timeout=20)
+        up.wait_for("restarted worker", timeout=20)
+        wait_until(lambda: len(children_of(up.proc.pid)) == 3, timeout=20,
+                   message="backend + 2 workers again")
+        kids = children_of(up.proc.pid)
+        assert worker_pid not in kids
         assert up.proc.poll() is None
 
         up.proc.send_signal(signal.SIGTERM)
@@ -132,7 +147,7 @@ def test_up_refuses_a_port_in_use(broker, tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("LABQ_")}
         env.update({"LABQ_PORT": str(port), "LABQ_DATA_DIR": str(tmp_path / "d"),
                     "LABQ_RABBITMQ_URL": RABBITMQ_URL, "PYTHONPATH": str(REPO)})
-        result = subprocess.run([sys.executable, "-m", "client.cli", "up"], cwd=tmp_path,
+        result = subprocess.run([sys.executable, "-m", "labq.client.cli", "up"], cwd=tmp_path,
                                 env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"port {port}" in result.stderr and "LABQ_PORT" in result.stderr

@@ -9,7 +9,7 @@ import pytest
 from helpers import wait_until
 from test_pipeline_worker import Workers
 
-from shared.messages import ControlMessage, StatusEvent
+from labq.shared.messages import ControlMessage, StatusEvent
 
 pytestmark = pytest.mark.integration
 

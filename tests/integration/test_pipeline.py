@@ -11,13 +11,12 @@ from collections.abc import Iterator
 
 import pika
 import pytest
-import requests
 from helpers import LabqSystem, make_zip
 from unit.test_envcache import make_wheel  # a hand-written wheel: no network
 
-from shared.messages import JobMessage
-from shared.storage import Storage
-from shared.topology import PERSISTENT, Topology
+from labq.shared.messages import JobMessage
+from labq.shared.storage import Storage
+from labq.shared.topology import PERSISTENT, Topology
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +25,10 @@ pytestmark = pytest.mark.integration
 def system(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabqSystem]:
     """Backend + two workers whose uv finds packages only in a local wheel folder."""
     tmp = tmp_path_factory.mktemp("labq")
-    make_wheel(tmp / "wheels")
-    sys_ = LabqSystem(tmp, workers=2, env={"LABQ_UV_FIND_LINKS": str(tmp / "wheels"),
-                                           "LABQ_UV_OFFLINE": "1"})
+    sys_ = LabqSystem(tmp, workers=2, env={"LABQ_UV_OFFLINE": "1"})
+    # Beside the work dir, where the build uid (in its sandbox) can read the wheels.
+    make_wheel(sys_.work_dir / "wheels")
+    sys_.env["LABQ_UV_FIND_LINKS"] = str(sys_.work_dir / "wheels")
     try:
         sys_.start()
         yield sys_
@@ -50,7 +50,7 @@ def test_output_comes_back_intact(system):
     job = system.submit({"code.py": WRITE_OUTPUT, "output/given.txt": "shipped in the bundle"})
     done = system.wait_done(job["id"])
     assert (done["state"], done["outcome"], done["exit_code"]) == ("stopped", "succeeded", 0)
-    resp = requests.get(system.api(f"/api/v1/jobs/{job['id']}/results"), timeout=10)
+    resp = system.http.get(system.api(f"/api/v1/jobs/{job['id']}/results"), timeout=10)
     assert resp.status_code == 200
     with zipfile.ZipFile(io.BytesIO(resp.content)) as zf:
         assert sorted(zf.namelist()) == ["deep/er/data.bin", "given.txt", "hello.txt"]
@@ -80,7 +80,7 @@ def test_requirements_from_a_local_wheel_and_env_reuse(system):
     assert "building environment" in system.log(first["id"])
     assert "reusing environment" in system.log(second["id"])
     assert "building environment" not in system.log(second["id"])
-    envs = [p for p in (system.data_dir / "envs").iterdir()
+    envs = [p for p in (system.work_dir / "envs").iterdir()
             if not p.name.startswith(".") and (p / "bin").exists()]
     # One env with the wheel (plus the empty one of the requirement-less jobs).
     assert len({p.name for p in envs}) <= 2
@@ -108,7 +108,7 @@ def test_two_workers_run_in_parallel_each_one_at_a_time(system):
     spans: dict[str, list[tuple[float, float]]] = {}
     for job in done:
         assert job["outcome"] == "succeeded"
-        data = requests.get(system.api(f"/api/v1/jobs/{job['id']}/results/files/t.json"),
+        data = system.http.get(system.api(f"/api/v1/jobs/{job['id']}/results/files/t.json"),
                             timeout=10)
         assert data.status_code == 200
         spans.setdefault(job["worker"], []).append(tuple(json.loads(data.text)))
@@ -123,7 +123,7 @@ def test_two_workers_run_in_parallel_each_one_at_a_time(system):
 
 def test_duplicate_delivery_runs_once(system):
     bundle = make_zip({"code.py": "print('RAN ONCE')\n"})
-    resp = requests.post(system.api("/api/v1/jobs"), files={"bundle": ("b.zip", bundle)},
+    resp = system.http.post(system.api("/api/v1/jobs"), files={"bundle": ("b.zip", bundle)},
                          timeout=30)
     assert resp.status_code == 201
     job_id = resp.json()["id"]

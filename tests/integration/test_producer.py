@@ -14,19 +14,19 @@ import pytest
 from helpers import RABBITMQ_URL, delete_topology, unique_prefix, wait_until
 from sqlalchemy import update
 
-from backend.registry import Registry
-from producer.control import WorkerUnreachableError, send_control
-from producer.jobs import publish_job
-from producer.outbox import OutboxRelay
-from producer.publisher import Publisher
-from shared import db
-from shared.db import make_engine
-from shared.errors import BrokerUnavailableError
-from shared.manifest import JobSpec
-from shared.messages import JobMessage
-from shared.settings import Settings
-from shared.storage import Storage
-from shared.topology import Topology
+from labq.backend.registry import Registry
+from labq.producer.control import WorkerUnreachableError, send_control
+from labq.producer.jobs import publish_job
+from labq.producer.outbox import OutboxRelay
+from labq.producer.publisher import Publisher
+from labq.shared import db
+from labq.shared.db import make_engine
+from labq.shared.errors import BrokerUnavailableError
+from labq.shared.manifest import JobSpec
+from labq.shared.messages import JobMessage
+from labq.shared.settings import Settings
+from labq.shared.storage import Storage
+from labq.shared.topology import Topology
 
 pytestmark = pytest.mark.integration
 

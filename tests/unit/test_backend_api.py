@@ -8,11 +8,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import make_zip
+from helpers import make_zip, signed_in_client
 
-from backend.app import create_app
-from shared.messages import LifecycleEvent, event_seq
-from shared.settings import Settings
+from labq.backend.app import create_app
+from labq.shared.messages import LifecycleEvent, event_seq
+from labq.shared.settings import Settings
 
 NO_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"
 
@@ -28,7 +28,7 @@ def app(tmp_path: Path):
 
 @pytest.fixture()
 def client(app):
-    return app.test_client()
+    return signed_in_client(app)
 
 
 def upload(client, body: bytes, headers=None, path="/api/v1/jobs", **form):

@@ -14,14 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers import make_zip  # noqa: E402
 
-from shared.bundle import BundleLimits, extract_bundle, inspect_bundle, zip_folder  # noqa: E402
-from shared.errors import (  # noqa: E402
+from labq.shared.bundle import BundleLimits, extract_bundle, inspect_bundle, zip_folder  # noqa: E402
+from labq.shared.errors import (  # noqa: E402
     BundleError,
     BundleTooLargeError,
     ManifestError,
     MissingEntrypointError,
 )
-from shared.settings import Settings  # noqa: E402
+from labq.shared.settings import Settings  # noqa: E402
 
 SETTINGS = Settings(max_bundle_files=20, max_unpacked_bytes=5 * 1024 * 1024,
                     max_timeout_s=3600, max_memory_mb=1024, max_cpus=4)

@@ -12,12 +12,12 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from client import api
-from client.api import ClientError, bundle_file, iter_sse, safe_extract, zip_project
-from client.broker import BrokerError, ensure_broker, is_local_url, mask_url
-from client.cli import main
-from shared.bundle import inspect_bundle
-from shared.settings import Settings
+from labq.client import api
+from labq.client.api import ClientError, bundle_file, iter_sse, safe_extract, zip_project
+from labq.client.broker import BrokerError, ensure_broker, is_local_url, mask_url
+from labq.client.cli import main
+from labq.shared.bundle import inspect_bundle
+from labq.shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -252,3 +252,23 @@ def test_broker_check_explains_a_missing_broker():
     assert "RabbitMQ is not reachable at amqp://u:***@labq-no-such-host.invalid" in result.output
     assert "sudo apt-get install -y rabbitmq-server" in result.output
     assert "secret" not in result.output
+
+
+def test_a_saved_token_is_only_sent_to_the_server_it_came_from(tmp_path, monkeypatch):
+    # Given a token saved by `labq login` for one server, and an admin-token file here
+    from labq.client import credentials
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("LABQ_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("LABQ_TOKEN", raising=False)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "admin-token").write_text("labq_admin\n")
+    path = credentials.save_token("labq_lab", "http://labserver:8080/")
+    assert path.stat().st_mode & 0o777 == 0o600
+    # Then that server gets it, another server gets nothing, and only a server on this
+    # machine gets the local admin token
+    assert credentials.find_token("http://labserver:8080")[0] == "labq_lab"
+    assert credentials.find_token("http://elsewhere:8080")[0] is None
+    assert credentials.find_token("http://127.0.0.1:8080")[0] == "labq_admin"
+    assert credentials.forget_token("http://LABSERVER:8080")
+    assert credentials.find_token("http://labserver:8080")[0] is None

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from client.cli import main
-from shared.settings import Settings
+from labq.client.cli import main
+from labq.shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 

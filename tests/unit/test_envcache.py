@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from process_unit.envcache import EnvCache, normalize_requirements, referenced_files
-from shared.errors import EnvironmentBuildError
-from shared.settings import Settings
+from labq.process_unit.envcache import EnvCache, normalize_requirements, referenced_files
+from labq.shared.errors import EnvironmentBuildError
+from labq.shared.settings import Settings
 
 
 def make_wheel(folder: Path, name: str = "labqdemo", version: str = "1.0",
@@ -95,7 +95,7 @@ def test_two_concurrent_builds_of_one_key_build_once(tmp_path, settings):
     assert not errors and len(set(envs)) == 1
     logs = [(tmp_path / f"log{i}").read_text() for i in range(2)]
     assert sum("building environment" in text for text in logs) == 1
-    assert [p.name for p in (settings.data_dir / "envs").iterdir()
+    assert [p.name for p in (settings.resolved_work_dir / "envs").iterdir()
             if not p.name.startswith(".")] == [envs[0].name]
 
 
@@ -114,7 +114,8 @@ def test_failed_install_raises_with_uvs_message(tmp_path, settings):
     assert "labq-no-such-package-xyz" in info.value.message
     assert "installing requirements.txt failed" in info.value.message
     assert "labq-no-such-package-xyz" in (tmp_path / "log").read_text()  # uv's output logged
-    assert not [p for p in (settings.data_dir / "envs").iterdir() if not p.name.startswith(".")]
+    envs = settings.resolved_work_dir / "envs"
+    assert not [p for p in envs.iterdir() if not p.name.startswith(".")]
 
 
 def test_least_recently_used_envs_are_evicted(tmp_path, settings):

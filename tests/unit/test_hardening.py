@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-import shared.hardening
+import labq.shared.hardening
 
 NOBODY = 65534
 #: A system interpreter that the unprivileged user may run (the venv lives under /root
@@ -44,7 +44,7 @@ def _peek(pid: int) -> str:
 def test_another_process_of_the_same_user_cannot_read_the_services_environment(protect):
     # Given a service process (as nobody) holding a broker URL in its environment
     folder = tempfile.mkdtemp(prefix="labq-hardening-")  # pytest's tmp_path is root-only
-    shutil.copy(shared.hardening.__file__, os.path.join(folder, "hardening.py"))
+    shutil.copy(labq.shared.hardening.__file__, os.path.join(folder, "hardening.py"))
     os.chmod(folder, 0o755)
     holder = subprocess.Popen(
         [SYSTEM_PYTHON, "-c", HOLDER.format(folder=folder, protect=protect)],

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from shared import lifecycle
-from shared.errors import ConflictError
-from shared.lifecycle import Decision, State, plan_user_request
+from labq.shared import lifecycle
+from labq.shared.errors import ConflictError
+from labq.shared.lifecycle import Decision, State, plan_user_request
 
 S = State
 # The expected table, written out independently of the module under test.

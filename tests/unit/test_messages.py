@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from shared.errors import DecodeError
-from shared.messages import (
+from labq.shared.errors import DecodeError
+from labq.shared.messages import (
     ControlMessage,
     JobMessage,
     LifecycleEvent,

@@ -11,17 +11,17 @@ import pytest
 from helpers import isolated_database_url, unique_prefix
 from sqlalchemy import select, text
 
-from backend.registry import Registry, job_to_json
-from producer.control import WorkerUnreachableError
-from producer.publisher import UnroutableError
-from shared import db
-from shared.db import make_engine
-from shared.errors import BadRequestError, ConflictError, NotFoundError
-from shared.manifest import JobSpec
-from shared.messages import LifecycleEvent, event_seq
-from shared.settings import Settings
-from shared.storage import Storage
-from shared.topology import Topology
+from labq.backend.registry import Registry, job_to_json
+from labq.producer.control import WorkerUnreachableError
+from labq.producer.publisher import UnroutableError
+from labq.shared import db
+from labq.shared.db import make_engine
+from labq.shared.errors import BadRequestError, ConflictError, NotFoundError
+from labq.shared.manifest import JobSpec
+from labq.shared.messages import LifecycleEvent, event_seq
+from labq.shared.settings import Settings
+from labq.shared.storage import Storage
+from labq.shared.topology import Topology
 
 
 @pytest.fixture()
@@ -70,10 +70,19 @@ def test_create_and_json(registry):
 
 
 def test_idempotency_key_returns_the_same_job(registry):
-    first = new_job(registry, idempotency_key="k1")
+    first = new_job(registry, idempotency_key="k1", owner="alice")
     again, created = registry.create(name="x", spec=JobSpec("code.py"), bundle_sha256="b" * 64,
-                                     bundle_bytes=1, idempotency_key="k1")
+                                     bundle_bytes=1, idempotency_key="k1", owner="alice")
     assert not created and again["id"] == first["id"]
+
+
+def test_idempotency_keys_are_per_user(registry):
+    # Given alice's job made with key k1
+    first = new_job(registry, idempotency_key="k1", owner="alice")
+    # When bob uses the same key, he gets a job of his own, not alice's
+    bobs = new_job(registry, idempotency_key="k1", owner="bob")
+    assert bobs["id"] != first["id"] and bobs["owner"] == "bob"
+    assert registry.find_by_key("k1", "alice")["id"] == first["id"]
 
 
 def test_unknown_job(registry):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
-from shared.errors import ConfigError, NotFoundError
-from shared.settings import Settings
-from shared.storage import Storage, new_job_id
+from labq.shared.errors import ConfigError, NotFoundError
+from labq.shared.settings import Settings
+from labq.shared.storage import Storage, new_job_id
 
 
 def test_settings_read_labq_variables_with_units():
@@ -56,12 +57,12 @@ def test_records_attempts_outcome_and_cancel_marker(tmp_path):
 
 def test_bundles_are_stored_once_by_hash(tmp_path):
     storage = Storage(tmp_path).ensure()
-    sha = "ab" * 32
-    for _ in range(2):
-        with storage.temp_file(".zip") as (path, handle):
-            handle.write(b"zip")
-            handle.close()
-            final = storage.store_bundle(path, sha)
+    sha = hashlib.sha256(b"zip").hexdigest()
+    for n in range(2):
+        staged = storage.tmp / f"upload-{n}.zip"
+        staged.write_bytes(b"zip")
+        final = storage.store_bundle(staged, sha)
+        staged.unlink(missing_ok=True)  # left alone when the stored copy is kept
     assert final.read_bytes() == b"zip"
     assert list(storage.bundles.rglob("*.zip")) == [final]
     assert not list(storage.tmp.iterdir())

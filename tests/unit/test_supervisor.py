@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import pid_alive
+from helpers import pid_alive, wait_until
 
-from process_unit import proctree
-from process_unit.sandbox import TOKEN_VAR, build_command
-from process_unit.supervisor import Supervisor, classify, new_token
+from labq.process_unit import proctree
+from labq.process_unit.sandbox import TOKEN_VAR, build_command
+from labq.process_unit.supervisor import Supervisor, classify, new_token
 
 ALL_LABQ = ("LABQ_RABBITMQ_URL", "LABQ_DATABASE_URL", "LABQ_DATA_DIR", "LABQ_PREFIX")
 
@@ -43,14 +43,6 @@ def start(tmp: Path, script: str, **kw) -> tuple[Supervisor, Path, object]:
     return sup, tmp / "log.txt", log
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 
@@ -75,7 +67,7 @@ def read_count(tmp: Path) -> int:
 def test_pause_freezes_the_counter_and_resume_continues(tmp_path):
     sup, _, log = start(tmp_path, COUNTER)
     try:
-        wait_for(lambda: read_count(tmp_path) > 3)
+        wait_until(lambda: read_count(tmp_path) > 3)
         sup.pause()
         time.sleep(0.1)
         frozen = read_count(tmp_path)
@@ -83,7 +75,7 @@ def test_pause_freezes_the_counter_and_resume_continues(tmp_path):
         assert read_count(tmp_path) == frozen
         assert all(p.state == "T" for p in sup.processes().values())
         sup.resume()
-        wait_for(lambda: read_count(tmp_path) > frozen + 3)
+        wait_until(lambda: read_count(tmp_path) > frozen + 3)
     finally:
         sup.kill_now()
         log.close()
@@ -105,14 +97,14 @@ def test_stop_kills_a_grandchild_that_left_the_session(tmp_path):
     sup, _, log = start(tmp_path, script)
     try:
         pidfile = tmp_path / "ws" / "project" / "grandchild.pid"
-        wait_for(pidfile.exists)
-        grandchild = int(wait_for(lambda: pidfile.read_text()))
+        wait_until(pidfile.exists)
+        grandchild = int(wait_until(lambda: pidfile.read_text()))
         assert grandchild in sup.processes()
         assert proctree.read_proc(grandchild).ppid != sup.pid  # really left the tree
         t0 = time.monotonic()
         sup.kill(grace_s=2)
         assert time.monotonic() - t0 < 5
-        wait_for(lambda: not pid_alive(grandchild))
+        wait_until(lambda: not pid_alive(grandchild))
         assert sup.wait() == -15
     finally:
         sup.kill_now()
@@ -128,7 +120,7 @@ def test_sigterm_ignored_then_sigkill_after_grace(tmp_path):
             time.sleep(0.1)
     """)
     try:
-        wait_for(lambda: b"ready" in (tmp_path / "log.txt").read_bytes())
+        wait_until(lambda: b"ready" in (tmp_path / "log.txt").read_bytes())
         t0 = time.monotonic()
         sup.kill(grace_s=0.5)
         assert 0.4 < time.monotonic() - t0 < 4
@@ -167,7 +159,7 @@ def test_memory_of_the_tree_is_measured(tmp_path):
         time.sleep(30)
     """)
     try:
-        wait_for(lambda: b"allocated" in (tmp_path / "log.txt").read_bytes())
+        wait_until(lambda: b"allocated" in (tmp_path / "log.txt").read_bytes())
         assert sup.memory_bytes() > 70 * 1024 * 1024
     finally:
         sup.kill_now()
@@ -217,8 +209,11 @@ def test_sweep_kills_processes_of_a_dead_worker(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                             env={TOKEN_VAR: token, "PATH": "/usr/bin:/bin"})
     try:
-        wait_for(lambda: proctree.environ_value(proc.pid, TOKEN_VAR) == token)
-        proctree.sweep_orphans(TOKEN_VAR)  # (a worker elsewhere on this host may beat us)
+        # Any worker starting on this host meanwhile (other tests start many) sweeps this
+        # orphan too, maybe before we even see its environment: gone counts as seen.
+        wait_until(lambda: proc.poll() is not None
+                 or proctree.environ_value(proc.pid, TOKEN_VAR) == token)
+        proctree.sweep_orphans(TOKEN_VAR)
         assert proc.wait(timeout=5) == -9
     finally:
         proc.kill()

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from process_unit import proctree
-from process_unit.control import Control
-from process_unit.runner import run_job
-from shared.messages import JobMessage
-from shared.settings import Settings
-from shared.storage import Storage, new_job_id, sha256_of
+from labq.process_unit import proctree
+from labq.process_unit.control import Control
+from labq.process_unit.runner import run_job
+from labq.shared.messages import JobMessage
+from labq.shared.settings import Settings
+from labq.shared.storage import Storage, new_job_id, sha256_of
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,8 +79,7 @@ def test_memory_limit(tmp_path):
         "    for i in range(0, len(blocks[-1]), 4096): blocks[-1][i] = 1\n"
         "    time.sleep(0.05)\n")}, memory_mb=100)
     assert outcome["outcome"] == "error"
-    assert outcome["error"].startswith("out of memory: the job used ")
-    assert outcome["error"].endswith("its limit is 100 MB")
+    assert outcome["error"].startswith("out of memory (limit 100 MB): the job used ")
 
 
 def test_signal_killed_job(tmp_path):

@@ -1,0 +1,73 @@
+"""``/api/v1/groups/<id>`` (a sweep's members and one zip of all results) and
+``POST /api/v1/jobs/<id>/rerun``."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from pathlib import Path
+
+from flask import Blueprint, Response, jsonify, request, send_file
+
+from labq.backend.auth import current_identity
+from labq.backend.groups import create_rerun, group_summary
+from labq.backend.jobfields import jobs_json
+from labq.backend.scope import visible_group, visible_job
+from labq.backend.services import services
+from labq.shared.errors import BadRequestError, NotFoundError
+from labq.shared.storage import regular_files
+
+bp = Blueprint("groups", __name__)
+
+
+@bp.get("/api/v1/groups/<group_id>")
+def show(group_id: str) -> Response:
+    svc = services()
+    rows = visible_group(group_id)
+    return jsonify({**group_summary(group_id, rows), "jobs": jobs_json(svc, rows)})
+
+
+def _add_folder(zf: zipfile.ZipFile, root: Path, prefix: str) -> int:
+    """Add the regular files under ``root`` (no symlink followed); returns how many."""
+    count = 0
+    for relative, handle in regular_files(root):
+        with zf.open(f"{prefix}/{relative}", "w", force_zip64=True) as out:
+            while chunk := handle.read(1024 * 1024):
+                out.write(chunk)
+        count += 1
+    return count
+
+
+@bp.get("/api/v1/groups/<group_id>/results")
+def results(group_id: str) -> Response:
+    """One zip: a folder per member (``<short id>-<name>/``) holding its output/."""
+    svc = services()
+    rows = visible_group(group_id)
+    handle = tempfile.TemporaryFile(dir=svc.storage.root)  # noqa: SIM115 - sent, then closed
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        count = sum(_add_folder(zf, svc.storage.results_dir(r["id"]),
+                                f"{r['id'][:8]}-{r['name']}".replace("/", "_"))
+                    for r in rows if r["state"] == "stopped")
+    if not count:
+        handle.close()
+        raise NotFoundError(f"no job of group {group_id} has left results yet",
+                            group_id=group_id)
+    handle.seek(0)
+    name = group_summary(group_id, rows)["name"]
+    return send_file(handle, mimetype="application/zip", as_attachment=True,
+                     download_name=f"{name}-{group_id[:8]}-results.zip", max_age=0)
+
+
+@bp.post("/api/v1/jobs/<job_id>/rerun")
+def rerun(job_id: str) -> tuple[Response, int]:
+    svc = services()
+    overrides = None
+    if request.get_data():
+        overrides = request.get_json(silent=True, force=True)
+        if overrides is None:
+            raise BadRequestError('send JSON like {"args": ["--lr=0.1"]}, or an empty body')
+    job = create_rerun(svc, visible_job(job_id), overrides, owner=current_identity().name)
+    body = jobs_json(svc, [job])[0]
+    resp = jsonify(body)
+    resp.headers["Location"] = body["links"]["self"]
+    return resp, 201

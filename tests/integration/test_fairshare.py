@@ -1,0 +1,99 @@
+"""Fair share with both limits set, on a real labq with two workers: one busy user cannot
+hold every worker, their extra jobs wait (held, with a reason) and start as their own
+jobs end, and past their quota they get a 429."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import requests
+from helpers import LabqSystem, make_zip, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+LONG = {"code.py": "import time\nfor _ in range(600):\n    time.sleep(0.1)\n"}
+QUICK = {"code.py": "print('quick')\n"}
+
+
+@pytest.fixture(scope="module")
+def limited(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabqSystem]:
+    system = LabqSystem(tmp_path_factory.mktemp("fair"), workers=2,
+                        env={"LABQ_MAX_RUNNING_PER_USER": "1", "LABQ_MAX_QUEUED_PER_USER": "3"})
+    try:
+        system.start()
+        yield system
+    finally:
+        system.stop()
+
+
+def submit(system: LabqSystem, session: requests.Session, files: dict) -> requests.Response:
+    return session.post(system.api("/api/v1/jobs"), timeout=30,
+                        files={"bundle": ("b.zip", make_zip(files))})
+
+
+def state_of(system: LabqSystem, job_id: str) -> dict:
+    return system.job(job_id)
+
+
+def test_one_busy_user_cannot_hold_every_worker(limited: LabqSystem) -> None:
+    alice = limited.session_for(limited.add_user("alice"))
+    bob = limited.session_for(limited.add_user("bob"))
+    # Given alice submits three long jobs with two workers and a limit of one at a time
+    jobs = [submit(limited, alice, LONG) for _ in range(3)]
+    assert [r.status_code for r in jobs] == [201, 201, 201], [r.text for r in jobs]
+    first, *extra = [r.json()["id"] for r in jobs]
+    limited.wait_for_state(first, "started")
+    # Then only the first runs; the others wait off the queue, saying why
+    for job_id in extra:
+        job = state_of(limited, job_id)
+        assert job["state"] == "created", job
+        assert "LABQ_MAX_RUNNING_PER_USER=1" in job["hold_reason"]
+    # And a fourth is refused: she has three unfinished jobs, her quota
+    over = submit(limited, alice, LONG)
+    assert over.status_code == 429
+    assert "LABQ_MAX_QUEUED_PER_USER=3" in over.json()["error"]["message"]
+    assert int(over.headers["Retry-After"]) > 0
+    # When bob submits, his job takes the free worker at once
+    bobs = submit(limited, bob, QUICK).json()["id"]
+    done = limited.wait_done(bobs)
+    assert done["outcome"] == "succeeded"
+    assert state_of(limited, extra[0])["state"] == "created"  # still held
+    # When alice's running job ends, her next one starts (oldest first), the last still held
+    assert limited.set_state(first, "stopped").status_code == 200
+    limited.wait_done(first)
+    limited.wait_for_state(extra[0], "started")
+    held = state_of(limited, extra[1])
+    assert held["state"] == "created" and held["hold_reason"]
+    # Stopping a held job ends it without it ever running, and frees quota
+    stopped = limited.set_state(extra[1], "stopped").json()
+    assert stopped["state"] == "stopped" and stopped["outcome"] == "cancelled"
+    assert stopped["hold_reason"] is None
+    assert submit(limited, alice, QUICK).status_code == 201
+    limited.set_state(extra[0], "stopped")
+    limited.wait_done(extra[0])
+
+
+def test_admission_is_serialised_per_user(limited: LabqSystem) -> None:
+    """Many uploads of one user at once (threads of the one backend, several connections):
+    never more than the running limit is published, and the quota is exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    carol = limited.session_for(limited.add_user("carol"))
+    token = carol.headers["Authorization"]
+
+    def one(_: int) -> requests.Response:
+        session = requests.Session()
+        session.headers["Authorization"] = token
+        return submit(limited, session, LONG)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    accepted = [r.json() for r in results if r.status_code == 201]
+    assert len(accepted) == 3 and sum(r.status_code == 429 for r in results) == 5
+    wait_until(lambda: sum(state_of(limited, j["id"])["state"] != "created"
+                           for j in accepted) >= 1, timeout=30, message="one job published")
+    states = [state_of(limited, j["id"]) for j in accepted]
+    assert sum(s["hold_reason"] is None for s in states) == 1, states
+    for job in accepted:
+        limited.set_state(job["id"], "stopped")
