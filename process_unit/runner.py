@@ -289,6 +289,10 @@ def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> str:
                 return "memory"
         run.publish_status(sup)
         action = control.take(timeout=POLL_S)
+        if action in ("stop", "shutdown") and sup.poll() is not None:
+            # It ended on its own while we waited for the request: that end stands, and
+            # a job that finished must not be put back and run again.
+            return "exited"
         if action == "pause" and run.state == State.STARTED:
             sup.pause()
             run.paused_since = time.monotonic()

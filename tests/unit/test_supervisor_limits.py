@@ -122,3 +122,41 @@ def test_pause_resume_stop_through_control(tmp_path):
     states = [s for s, _ in result["events"]]
     assert states == ["initialized", "started", "paused", "started", "stopped"]
     assert result["outcome"]["outcome"] == "cancelled"
+
+
+class _EndsDuringWait:
+    """A supervisor whose job exits while the runner waits for a control request."""
+
+    started_at = time.monotonic()
+
+    def __init__(self) -> None:
+        self.polls = 0
+        self.killed = False
+
+    def poll(self):
+        self.polls += 1
+        return None if self.polls == 1 else 0
+
+    def processes(self):
+        return []
+
+    def kill(self, _grace):
+        self.killed = True
+
+
+@pytest.mark.parametrize("action", ["shutdown", "stop"])
+def test_a_job_that_ends_as_shutdown_arrives_keeps_its_end(tmp_path, action):
+    """A job that finished just as the worker's grace ran out is not put back and run
+    again (seen once in CI: a 2 s job and a 2 s shutdown grace ran the job twice)."""
+    from labq.process_unit.runner import _Run, _supervise
+
+    settings = Settings(data_dir=tmp_path / "data", stop_grace_s=1)
+    control = Control()
+    control.request(action)
+    job = JobMessage(job_id=new_job_id(), name="t", bundle_sha256="0" * 64,
+                     entrypoint="code.py")
+    run_ = _Run(job, settings, Storage(settings.data_dir).ensure(), lambda *a, **k: None,
+                control, attempt=1, worker="w-test")
+    sup = _EndsDuringWait()
+    assert _supervise(run_, sup, io.BytesIO()) == "exited"
+    assert not sup.killed
