@@ -11,6 +11,7 @@
   const STATES = ["created", "queued", "initialized", "started", "paused", "completed",
     "stopped", "failed"];
   const TERMINAL = new Set(["stopped", "failed"]);
+  const OUTCOMES = ["succeeded", "error", "timeout", "cancelled", "failed"];
   const POLL_MS = 5000;          // fallback poll while the event stream is open
   const POLL_FAST_MS = 2000;     // fallback poll while the event stream is down
   const STATS_MS = 3000;
@@ -365,6 +366,10 @@
     const nameCell = el("th", { scope: "row", class: "cell-name" },
       el("a", { href: jobUrl(job.id), text: job.name || "(unnamed)" }));
     const stateCell = el("td", { class: "cell-state" }, badge(job.state));
+    if (job.queue_position != null && !TERMINAL.has(job.state)) {
+      stateCell.append(el("span", { class: "muted queue-pos", title: job.waiting_reason || "",
+        text: ` #${job.queue_position}` }));
+    }
     if (job.requested_state && job.requested_state !== job.state && !TERMINAL.has(job.state)) {
       stateCell.append(el("span", { class: "pending", text: ` → ${job.requested_state}` }));
     }
@@ -583,6 +588,8 @@
 
       const data = new FormData();
       data.append("bundle", file, file.name);
+      const hook = $("#notify-url") ? $("#notify-url").value.trim() : "";
+      if (hook) data.append("notify_url", hook);
       const xhr = new XMLHttpRequest();
       xhr.open("POST", `${API}/jobs`);
       xhr.setRequestHeader("Accept", "application/json");
@@ -641,16 +648,26 @@
     let pageIndex = 0;
     let nextCursor = null;
 
+    const outcomeSel = $("#filter-outcome");
+    const sinceInput = $("#filter-since");
+    const sortSel = $("#filter-sort");
     for (const s of STATES) stateSel.append(el("option", { value: s, text: s }));
+    for (const o of OUTCOMES) outcomeSel.append(el("option", { value: o, text: o }));
     const params = new URLSearchParams(location.search);
     stateSel.value = params.get("state") || "";
-    nameInput.value = params.get("name") || "";
+    nameInput.value = params.get("q") || params.get("name") || "";
+    outcomeSel.value = params.get("outcome") || "";
+    sinceInput.value = params.get("since") || "";
+    sortSel.value = params.get("sort") || "";
     const pageSize = Math.min(200, Math.max(1, parseInt(params.get("limit"), 10) || 25));
 
     function query(cursor) {
       const q = new URLSearchParams();
       if (stateSel.value) q.set("state", stateSel.value);
-      if (nameInput.value.trim()) q.set("name", nameInput.value.trim());
+      if (nameInput.value.trim()) q.set("q", nameInput.value.trim());
+      if (outcomeSel.value) q.set("outcome", outcomeSel.value);
+      if (sinceInput.value) q.set("since", sinceInput.value);
+      if (sortSel.value) q.set("sort", sortSel.value);
       q.set("limit", String(pageSize));
       if (cursor) q.set("cursor", cursor);
       return q;
@@ -703,9 +720,12 @@
     }
 
     form.addEventListener("submit", (e) => { e.preventDefault(); reset(); });
-    stateSel.addEventListener("change", reset);
+    for (const input of [stateSel, outcomeSel, sinceInput, sortSel]) {
+      input.addEventListener("change", reset);
+    }
     $("#filter-clear").addEventListener("click", () => {
-      stateSel.value = ""; nameInput.value = ""; reset();
+      for (const input of [stateSel, nameInput, outcomeSel, sinceInput, sortSel]) input.value = "";
+      reset();
     });
     older.addEventListener("click", () => {
       if (!nextCursor) return;
@@ -761,6 +781,8 @@
     let filesLoadedFor = null;
 
     if (!id) { notify("No job id in the address.", "error"); return; }
+    // Waiting, stages, usage chart, previews, run again, notification (jobextras.js).
+    const extras = window.labqJobExtras ? window.labqJobExtras(id) : null;
     $("#download-all").href = `${apiJob(id)}/results`;
     $("#raw-log").href = `${apiJob(id)}/log`;
 
@@ -833,6 +855,7 @@
         filesLoadedFor = job.state;
         loadFiles();
       }
+      if (extras) extras.render(job);
     }
 
     async function refresh() {
@@ -966,6 +989,7 @@
             el("span", { class: "muted size", text: fmtBytes(f.size) })));
         }
         filesBox.append(list);
+        if (extras) extras.previews(files, filesBox);
         $("#download-all").hidden = false;
       } catch (err) {
         clear(filesBox);
@@ -977,6 +1001,7 @@
     events.subscribe((ev) => {
       if (ev.job_id !== id || !job) return;
       if (ev.kind === "status") {
+        if (extras) extras.status(ev);
         if (ev.elapsed_s != null && !TERMINAL.has(job.state)) {
           elapsed = Number(ev.elapsed_s);
           render();
@@ -1078,8 +1103,9 @@
   }
 
   // ---------------------------------------------------------------- start
-  const PAGES = { home: pageHome, upload: pageUpload, results: pageResults, job: pageJob,
-    account: pageAccount };
+  // Pages and job-page extras defined by the other scripts (loaded before this one).
+  const PAGES = Object.assign({ home: pageHome, upload: pageUpload, results: pageResults,
+    job: pageJob, account: pageAccount }, window.labqPages || {});
 
   /** "Signed in as NAME · Account · Sign out" in the header. */
   function renderWho() {
@@ -1111,8 +1137,11 @@
     if (PAGES[page]) PAGES[page]();
   }
 
+  // The helpers the other page scripts use (frontend/*.js), set before any page runs.
+  window.labq = { API, TERMINAL, el, $, api, events, clear, setText, fmtDuration, fmtBytes,
+    shortId, timeEl, parseTime, badge, outcomeEl, jobUrl, apiJob, notify, poll, debounce,
+    renderControls, jobTable, jobRow, updateRow, me };
+
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
-
-  window.labq = { el, api, events, fmtDuration, fmtBytes };
 })();

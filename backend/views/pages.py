@@ -46,6 +46,16 @@ def account() -> Response:
     return page("account.html")
 
 
+@bp.get("/groups/<group_id>")
+def group(group_id: str) -> Response:
+    return page("group.html")
+
+
+@bp.get("/api/docs")
+def api_docs() -> Response:
+    return page("api.html")
+
+
 @bp.get("/static/<path:filename>")
 def static_file(filename: str) -> Response:
     if filename.endswith(".py") or filename.startswith(("_", ".")):
