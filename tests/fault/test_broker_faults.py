@@ -21,7 +21,6 @@ from faultkit import (
     main_records,
     probe_bundle,
     runs,
-    sleep_until,
     wait_running,
 )
 from helpers import LabqSystem, wait_until
