@@ -25,7 +25,7 @@ from labq.producer.publisher import Publisher
 from labq.shared import db, lifecycle
 from labq.shared.durations import event_measures, timestamps_for
 from labq.shared.errors import BadRequestError, BrokerUnavailableError, NotFoundError
-from labq.shared.lifecycle import Decision, Outcome, State
+from labq.shared.lifecycle import ACTION_FOR_STATE, Decision, Outcome, State
 from labq.shared.manifest import JobSpec
 from labq.shared.messages import LifecycleEvent
 from labq.shared.settings import Settings
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 MAX_RACE_RETRIES = 50
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
-CONTROL_ACTIONS = {State.PAUSED: "pause", State.STARTED: "resume", State.STOPPED: "stop"}
 
 
 class Registry:
@@ -161,7 +160,7 @@ class Registry:
             if not self._set_requested(job, plan.target):
                 continue
             try:
-                send_control(publisher, job_id, CONTROL_ACTIONS[plan.target])
+                send_control(publisher, job_id, ACTION_FOR_STATE[plan.target])
             except WorkerUnreachableError:
                 if plan.target != State.STOPPED:
                     self._set_requested({**job, "requested_state": plan.target},

@@ -2,14 +2,15 @@
 
 Threads:
 
-* the **connection thread** (the main thread) owns the pika ``BlockingConnection``
-  for the worker's whole life and keeps calling ``process_data_events``, so broker
-  heartbeats are served while a job runs or its environment builds; it decodes
-  deliveries, takes the run lock, publishes events, acks and reconnects;
+* the **connection thread** (the main thread) owns the broker connection
+  (:class:`~labq.consumer.link.BrokerLink`) for the worker's whole life and keeps
+  serving it, so broker heartbeats are answered while a job runs or its environment
+  builds; it decodes deliveries, takes the run lock, applies the delivery rules
+  (:mod:`labq.consumer.delivery`), publishes events, settles and reconnects;
 * one **job thread** per job runs :func:`process_unit.runner.run_job`. It never
-  touches pika: its lifecycle events go into an in-memory outbox that the
-  connection thread flushes (woken by ``add_callback_threadsafe``), in order, with
-  publisher confirms, after a reconnect if the broker was away.
+  touches pika: its lifecycle events go into the link's outbox, which the connection
+  thread flushes (woken by ``add_callback_threadsafe``), in order, with publisher
+  confirms, after a reconnect if the broker was away.
 
 A delivery is acked only after ``outcome.json`` was written and the final event
 confirmed, and only when its tag belongs to the live channel: after a reconnect the
@@ -27,12 +28,9 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import IO, Any
+from collections.abc import Callable
+from typing import Any
 
-import pika
-import pika.exceptions
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -41,27 +39,30 @@ from tenacity import (
     wait_random,
 )
 
+from labq.consumer.delivery import (
+    Delivery,
+    Plan,
+    PlanKind,
+    Settle,
+    crash_record,
+    plan_delivery,
+    settle_after,
+)
+from labq.consumer.link import BROKER_ERRORS, BrokerLink
+from labq.consumer.maintenance import Schedule, Task
 from labq.process_unit import proctree
-from labq.process_unit.control import Control
 from labq.process_unit.envcache import EnvCache
 from labq.process_unit.jobbox import HostSandbox, write_report
 from labq.process_unit.runner import run_job
 from labq.process_unit.sandbox import TOKEN_VAR
 from labq.shared.errors import ConfigError, DecodeError, LabqError
 from labq.shared.hardening import protect_process
-from labq.shared.lifecycle import Outcome, State
+from labq.shared.lifecycle import Action, RunResult, State
 from labq.shared.logs import setup_logging
-from labq.shared.messages import (
-    SEQ_PER_ATTEMPT,
-    ControlMessage,
-    JobMessage,
-    LifecycleEvent,
-    StatusEvent,
-    event_seq,
-)
+from labq.shared.messages import ControlMessage, JobMessage, LifecycleEvent, StatusEvent, event_seq
 from labq.shared.settings import Settings
 from labq.shared.storage import Storage
-from labq.shared.topology import PERSISTENT, TRANSIENT, Topology, connect
+from labq.shared.topology import Topology, connect
 
 log = logging.getLogger(__name__)
 
@@ -74,70 +75,54 @@ EXIT_CONFIG = 78  # a setting cannot be used
 PARK_POLL_S = 1.0
 #: Seconds between sweeps for leftover job processes of dead workers.
 SWEEP_S = 2.0
-#: process_data_events slice: how quickly the loop notices its own work.
+#: Connection slice: how quickly the loop notices its own work.
 TICK_S = 0.2
-BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+#: How often a worker touches its sandbox report (the backend drops reports gone stale).
+REPORT_EVERY_S = 30.0
+
+Runner = Callable[..., RunResult]
 
 
 def worker_name(settings: Settings) -> str:
     return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
-@dataclass
-class Delivery:
-    """One job delivery and, once it runs, everything about its run."""
-
-    tag: int
-    generation: int  # which channel it came on; a different one means a stale tag
-    job: JobMessage
-    lock: IO[bytes] | None = None
-    next_try: float = 0.0
-    attempt: int = 0
-    n: int = 0  # lifecycle events emitted in this attempt
-    control: Control = field(default_factory=Control)
-    thread: threading.Thread | None = None
-    result: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    control_key: str = ""
-
-
-#: How often a worker touches its sandbox report (the backend drops reports gone stale).
-REPORT_EVERY_S = 30.0
-
-
 class Worker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, connect_fn: Callable[[], Any] | None = None,
+                 runner: Runner = run_job) -> None:
         # The sandbox decides the work dir and the job interpreter: use its settings.
         self.sandbox = HostSandbox.start(settings)
         settings = self.sandbox.settings
         self.settings = settings
         self.storage = Storage(settings.data_dir).ensure()
-        self.topology = Topology.from_settings(settings)
         self.name = worker_name(settings)
         self.envs = EnvCache(settings, self.storage, self.sandbox.build_box())
+        self.runner = runner
         self._report_path = write_report(settings.data_dir, self.name, self.sandbox.report())
-        self.conn: pika.BlockingConnection | None = None
-        self.channel: Any = None
-        self.generation = 0
-        self.consumer_tag: str | None = None
-        self.control_queue: str | None = None
-        self._outbox: deque[tuple[str, bytes, pika.BasicProperties]] = deque()
-        self._outbox_lock = threading.Lock()
+        self.link = BrokerLink(
+            Topology.from_settings(settings),
+            connect_fn or (lambda: connect(settings, f"labq-worker {self.name}")))
         self.current: Delivery | None = None
         self.parked: Delivery | None = None
         self.stopping = False
         self.shutdown_deadline = 0.0
-        self._next_status = 0.0
-        self._next_sweep = 0.0
-        self._next_report = 0.0
+        self.schedule = Schedule(
+            Task("touch sandbox report", REPORT_EVERY_S, self._touch_report),
+            Task("publish job status", settings.status_interval_s, self._publish_status),
+            Task("check stop marker", SWEEP_S, self._check_stop_marker),
+            Task("sweep orphans", SWEEP_S, self._sweep_orphans),
+        )
 
-    # -- entry point ------------------------------------------------------------
+    # -- entry point ------------------------------------------------------------------
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         # Orphans of a job (setsid + double fork) re-parent to us, so we still find them.
         proctree.become_subreaper()
         proctree.sweep_orphans(TOKEN_VAR)
+        return self.serve_forever()
+
+    def serve_forever(self) -> int:
         log.info("worker %s starting (prefix %s)", self.name, self.settings.prefix)
         while True:
             try:
@@ -147,32 +132,41 @@ class Worker:
                     break
             except BROKER_ERRORS as exc:
                 log.warning("lost the broker connection: %r; reconnecting", exc)
-                self._drop_connection()
-        self._drop_connection()
+                self.link.drop()
+                self.parked = None  # its tag died with the channel; the broker requeues it
+        self.link.drop()
         log.info("worker %s stopped", self.name)
         return EXIT_OK
 
-    def _on_signal(self, signum: int, _frame: Any) -> None:
+    def request_stop(self, grace_s: float | None = None) -> None:
+        """Stop taking jobs; put the current one back if it outlasts the grace."""
         if self.stopping:
-            log.warning("second %s: putting the current job back now", signal.Signals(signum).name)
             self.shutdown_deadline = 0.0
             return
-        log.info("%s: shutting down (grace %.0f s for the current job)",
-                 signal.Signals(signum).name, self.settings.shutdown_grace_s)
         self.stopping = True
-        self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_s
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        self.shutdown_deadline = time.monotonic() + grace
 
-    # -- connection -------------------------------------------------------------
-    def _give_up(self, _state: RetryCallState) -> bool:
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping:
+            log.warning("second %s: putting the current job back now", name)
+        else:
+            log.info("%s: shutting down (grace %.0f s for the current job)", name,
+                     self.settings.shutdown_grace_s)
+        self.request_stop()
+
+    # -- connection -------------------------------------------------------------------
+    def _give_up(self, _state: RetryCallState | None = None) -> bool:
         # Events still unsent (the put-back "queued", a final state) are worth waiting
         # for, but only within the shutdown grace: an absent broker must not hang us.
         return self.stopping and self.current is None and (
-            not self._outbox or time.monotonic() >= self.shutdown_deadline)
+            not self.link.pending() or time.monotonic() >= self.shutdown_deadline)
 
     def _sleep(self, seconds: float) -> None:
         # Keep supervising the job (and shutdown) while the broker is away.
         end = time.monotonic() + seconds
-        while time.monotonic() < end and not self._give_up(None):  # type: ignore[arg-type]
+        while time.monotonic() < end and not self._give_up():
             self._housekeeping()
             time.sleep(min(TICK_S, max(0.0, end - time.monotonic())))
 
@@ -184,7 +178,7 @@ class Worker:
 
     def _connect(self) -> bool:
         """Connect with backoff; False when shutting down with nothing left to do."""
-        if self._give_up(None):  # type: ignore[arg-type]
+        if self._give_up():
             return False
         retrying = Retrying(
             wait=wait_exponential(multiplier=0.5, min=0.5, max=15) + wait_random(0, 0.5),
@@ -197,121 +191,85 @@ class Worker:
         try:
             for attempt in retrying:
                 with attempt:
-                    self._open()
+                    self.link.open(self._on_control)
         except BROKER_ERRORS:
             return False  # gave up because we are stopping
-        return True
-
-    def _open(self) -> None:
-        conn = connect(self.settings, f"labq-worker {self.name}")
-        try:
-            channel = conn.channel()
-            channel.confirm_delivery()
-            self.topology.declare_all(channel)
-            channel.basic_qos(prefetch_count=1)
-            declared = channel.queue_declare("", exclusive=True, auto_delete=True)
-            control_queue = declared.method.queue
-            channel.basic_consume(control_queue, self._on_control, auto_ack=True)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                conn.close()
-            raise
-        self.conn, self.channel, self.control_queue = conn, channel, control_queue
-        self.generation += 1
-        self.consumer_tag = None
-        log.info("connected to the broker (channel generation %d)", self.generation)
         if self.current is not None:
             # The job kept running while we were away: it must stay controllable.
-            self._bind_control(self.current)
-
-    def _drop_connection(self) -> None:
-        conn, self.conn, self.channel = self.conn, None, None
-        self.consumer_tag = None
-        self.control_queue = None
-        if self.parked is not None:  # its tag died with the channel; the broker requeues it
-            self.parked = None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                if conn.is_open:
-                    conn.close()
-
-    def _online(self) -> bool:
-        return self.channel is not None and self.channel.is_open
+            self.link.bind_control(self.current)
+        return True
 
     def _serve(self) -> bool:
         """Serve the connection until it fails (raises) or the worker is done (True)."""
-        self._flush()
+        self.link.flush()
         while True:
             if self.current is None and self.parked is None:
                 if self.stopping:
-                    self._flush()
-                    if self._give_up(None):  # type: ignore[arg-type]
+                    self.link.flush()
+                    if self._give_up():
                         return True
                 else:
-                    self._consume()
-            assert self.conn is not None
-            self.conn.process_data_events(time_limit=TICK_S)
-            if not self.channel.is_open:
-                # The broker closed our channel (e.g. its consumer timeout bit) without
-                # closing the connection; pika does not raise for that. Start over.
-                raise pika.exceptions.ChannelClosed(0, "the broker closed the channel")
+                    self.link.consume(self._on_delivery)
+            self.link.process(TICK_S)
             self._housekeeping()
 
-    def _consume(self) -> None:
-        if self.consumer_tag is None and self._online():
-            self.consumer_tag = self.channel.basic_consume(
-                self.topology.jobs_queue, self._on_delivery, auto_ack=False
-            )
-
-    def _stop_consuming(self) -> None:
-        if self.consumer_tag is not None and self._online():
-            tag, self.consumer_tag = self.consumer_tag, None
-            self.channel.basic_cancel(tag)
-
-    # -- periodic work ----------------------------------------------------------
+    # -- every tick -------------------------------------------------------------------
     def _housekeeping(self) -> None:
-        now = time.monotonic()
-        if now >= self._next_report:  # the backend shows reports touched recently
-            self._next_report = now + REPORT_EVERY_S
-            with contextlib.suppress(OSError):
-                os.utime(self._report_path)
-        if self._online():
-            self._flush()
+        online = self.link.online()
+        if online:
+            self.link.flush()
         current = self.current
         if current is not None and current.done.is_set():
             self._finish(current)
-        elif current is not None:
-            if self.stopping and now >= self.shutdown_deadline \
-                    and not current.control.shutdown_requested:
-                log.warning("job %s did not finish within the grace; putting it back",
-                            current.job.job_id)
-                current.control.request("shutdown")
-            if now >= self._next_sweep and not current.control.stop_requested \
-                    and self.storage.is_cancelled(current.job.job_id):
-                # The stop may have been asked while our channel was down (its control
-                # message unroutable): the marker on the data dir still reaches us.
-                log.info("job %s has a stop marker; stopping it", current.job.job_id)
-                current.control.request("stop")
-            if now >= self._next_status and self._online():
-                self._next_status = now + self.settings.status_interval_s
-                self._publish_status(current)
-        if self.stopping and self._online():
-            self._stop_consuming()
+        elif current is not None and self.stopping \
+                and time.monotonic() >= self.shutdown_deadline \
+                and not current.control.shutdown_requested:
+            log.warning("job %s did not finish within the grace; putting it back",
+                        current.job.job_id)
+            current.control.request(Action.SHUTDOWN)
+        if self.stopping and online:
+            self.link.stop_consuming()
             if self.parked is not None:
                 parked, self.parked = self.parked, None
-                self._settle(parked, "nack")
-        if self.parked is not None and now >= self.parked.next_try and self._online():
+                self.link.settle(parked, Settle.NACK)
+        if self.parked is not None and time.monotonic() >= self.parked.next_try and online:
             parked, self.parked = self.parked, None
             self._begin(parked)
-        if now >= self._next_sweep:
-            # Also while busy: an orphan of a SIGKILLed worker on this host should not
-            # keep running until some worker happens to be idle.
-            self._next_sweep = now + SWEEP_S
-            if self.current is None:  # a running job's Popen must reap its own child
-                proctree.reap_zombies()
-            proctree.sweep_orphans(TOKEN_VAR)
+        self.schedule.tick()
 
-    # -- deliveries ---------------------------------------------------------------
+    # -- periodic tasks ---------------------------------------------------------------
+    def _touch_report(self) -> None:
+        with contextlib.suppress(OSError):  # the backend shows reports touched recently
+            os.utime(self._report_path)
+
+    def _publish_status(self) -> None:
+        d = self.current
+        status = d.control.status if d is not None else None
+        if d is None or status is None or not self.link.online() \
+                or status.state not in (State.STARTED, State.PAUSED):
+            return
+        self.link.publish_status(StatusEvent(
+            job_id=d.job.job_id, state=status.state, elapsed_s=status.elapsed_s,
+            attempt=d.attempt, worker=self.name, memory_mb=status.memory_mb,
+            cpu_s=status.cpu_s))
+
+    def _check_stop_marker(self) -> None:
+        # The stop may have been asked while our channel was down (its control message
+        # unroutable): the marker on the data dir still reaches us.
+        d = self.current
+        if d is not None and not d.done.is_set() and not d.control.stop_requested \
+                and self.storage.is_cancelled(d.job.job_id):
+            log.info("job %s has a stop marker; stopping it", d.job.job_id)
+            d.control.request(Action.STOP)
+
+    def _sweep_orphans(self) -> None:
+        # Also while busy: an orphan of a SIGKILLed worker on this host should not keep
+        # running until some worker happens to be idle.
+        if self.current is None:  # a running job's Popen must reap its own child
+            proctree.reap_zombies()
+        proctree.sweep_orphans(TOKEN_VAR)
+
+    # -- deliveries -------------------------------------------------------------------
     def _on_delivery(self, channel: Any, method: Any, _props: Any, body: bytes) -> None:
         if self.stopping or self.current is not None or self.parked is not None:
             # Never two jobs at once; put it back for another worker.
@@ -324,7 +282,7 @@ class Worker:
             log.error("undecodable job message dead-lettered: %s", exc)
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
-        self._begin(Delivery(method.delivery_tag, self.generation, job))
+        self._begin(Delivery(method.delivery_tag, self.link.generation, job))
 
     def _begin(self, d: Delivery) -> None:
         """Take the run lock and decide what the delivery means (internals.md, Worker)."""
@@ -342,122 +300,80 @@ class Worker:
             return
         d.lock = lock
         try:
-            self._decide(d)
+            self._apply(d, plan_delivery(self.storage, self.settings, job_id, self.name))
         except BaseException:
             if self.current is not d:  # the lock must not outlive a delivery we gave up
                 self._release(d)
             raise
 
-    def _decide(self, d: Delivery) -> None:
-        """With the run lock held: duplicate, cancelled, poison, or run it."""
+    def _apply(self, d: Delivery, plan: Plan) -> None:
         job_id = d.job.job_id
-        record = self.storage.read_outcome(job_id)
-        if record is not None:
+        if plan.kind == PlanKind.RUN:
+            self._start(d)
+            return
+        assert plan.record is not None
+        if plan.kind == PlanKind.DUPLICATE:
             log.info("job %s already has an outcome; re-publishing it and acking", job_id)
-            self._publish_event(self._final_event(job_id, record))
-            self._flush()
-            self._settle(d, "ack")
-            self._release(d)
-            return
-        self._bind_control(d)
-        if self.storage.is_cancelled(job_id):
-            log.info("job %s was stopped before it ran", job_id)
-            self._end_without_run(d, State.STOPPED, Outcome.CANCELLED, None, "ack")
-            return
-        lost = self.storage.lost_attempts(job_id)
-        if lost >= self.settings.max_attempts:
-            error = f"the worker running this job was lost {lost} times; giving up"
-            log.error("job %s: %s", job_id, error)
-            self._end_without_run(d, State.FAILED, Outcome.FAILED, error, "reject")
-            return
-        d.attempt = self.storage.record_attempt(job_id, self.name)
+        else:
+            log.info("job %s ends without running: %s", job_id,
+                     plan.record.error or "it was stopped before it ran")
+            self.link.bind_control(d)
+            self.storage.write_outcome(job_id, plan.record)
+        self.link.publish_event(plan.record.final_event(job_id, self.name))
+        self.link.flush()
+        self.link.settle(d, plan.settle)
+        self.link.unbind_control(d)
+        self._release(d)
+
+    def _start(self, d: Delivery) -> None:
+        self.link.bind_control(d)
+        d.attempt = self.storage.record_attempt(d.job.job_id, self.name)
         d.thread = threading.Thread(target=self._job_thread, args=(d,),
-                                    name=f"job-{job_id[:8]}", daemon=True)
+                                    name=f"job-{d.job.job_id[:8]}", daemon=True)
         self.current = d
         d.thread.start()
         # No deliveries while busy (prefetch 1 holds them back too); after a reconnect
         # mid-job we only consume again once this job is finished.
-        self._stop_consuming()
-
-    def _end_without_run(self, d: Delivery, state: State, outcome: Outcome,
-                         error: str | None, settle: str) -> None:
-        job_id = d.job.job_id
-        attempt = self.storage.attempts(job_id)
-        record = {"state": str(state), "outcome": str(outcome), "exit_code": None,
-                  "error": error, "attempt": attempt, "worker": self.name, "at": time.time()}
-        self.storage.write_outcome(job_id, record)
-        self._publish_event(self._final_event(job_id, record))
-        self._flush()
-        self._settle(d, settle)
-        self._unbind_control(d)
-        self._release(d)
-
-    def _final_event(self, job_id: str, record: dict[str, Any]) -> LifecycleEvent:
-        attempt = int(record.get("attempt") or 0)
-        # Above every event the attempt published, so a backend that missed it applies it.
-        return LifecycleEvent(
-            job_id=job_id, seq=event_seq(attempt, SEQ_PER_ATTEMPT - 1), state=record["state"],
-            attempt=attempt, outcome=record.get("outcome"), exit_code=record.get("exit_code"),
-            error=record.get("error"), worker=record.get("worker") or self.name,
-            at=float(record.get("at") or time.time()),
-            peak_rss_mb=record.get("peak_rss_mb"), cpu_s=record.get("cpu_s"),
-        )
+        self.link.stop_consuming()
 
     def _job_thread(self, d: Delivery) -> None:
         """Runs in the job thread: the job, then a wake-up call to the connection thread."""
 
         def emit(state: str, **fields: Any) -> None:
             d.n += 1
-            self._publish_event(LifecycleEvent(
+            self.link.publish_event(LifecycleEvent(
                 job_id=d.job.job_id, seq=event_seq(d.attempt, d.n), state=state,
                 attempt=d.attempt, worker=self.name, **fields,
             ))
-            self._wake()
+            self.link.wake()
 
         try:
-            d.result = run_job(d.job, self.settings, emit, d.control, attempt=d.attempt,
-                               worker=self.name, storage=self.storage, envs=self.envs,
-                               sandbox=self.sandbox)
+            d.result = self.runner(d.job, self.settings, emit, d.control, attempt=d.attempt,
+                                   worker=self.name, storage=self.storage, envs=self.envs,
+                                   sandbox=self.sandbox)
         except Exception as exc:  # a bug in labq: still give the job an outcome
             log.exception("job %s crashed the runner", d.job.job_id)
-            error = f"internal error in the labq worker: {exc!r}"
+            record = crash_record(d.attempt, self.name, exc)
             with contextlib.suppress(Exception):
-                self.storage.write_outcome(d.job.job_id, {
-                    "state": "failed", "outcome": "failed", "exit_code": None, "error": error,
-                    "attempt": d.attempt, "worker": self.name, "at": time.time()})
-                emit("failed", outcome="failed", error=error)
-            d.result = "failed"
+                self.storage.write_outcome(d.job.job_id, record)
+                emit(str(record.state), outcome=str(record.outcome), error=record.error)
+            d.result = RunResult.FAILED
         finally:
             d.done.set()
-            self._wake()
+            self.link.wake()
 
     def _finish(self, d: Delivery) -> None:
-        """Connection thread: the job thread is done; record, publish, ack, release."""
-        if d.result == "queued":
+        """Connection thread: the job thread is done; record, publish, settle, release."""
+        settle = settle_after(d.result)
+        if settle == Settle.NACK:
             self.storage.record_attempt_end(d.job.job_id, d.attempt)
-            settle = "nack"
-        else:
-            settle = "ack"
-        if self._online():
-            self._flush()  # raises when the broker is gone: we come back here after reconnect
-        self._settle(d, settle)
-        self._unbind_control(d)
+        if self.link.online():
+            self.link.flush()  # raises when the broker is gone: we come back after reconnect
+        self.link.settle(d, settle)
+        self.link.unbind_control(d)
         self._release(d)
         self.current = None
         log.info("job %s done: %s", d.job.job_id, d.result)
-
-    def _settle(self, d: Delivery, how: str) -> None:
-        """Ack / nack(requeue) / reject(no requeue) — only on the channel the tag came on."""
-        if d.generation != self.generation or not self._online():
-            log.info("not settling job %s: its delivery tag belongs to a dead channel",
-                     d.job.job_id)
-            return
-        if how == "ack":
-            self.channel.basic_ack(d.tag)
-        elif how == "nack":
-            self.channel.basic_nack(d.tag, requeue=True)
-        else:
-            self.channel.basic_reject(d.tag, requeue=False)
 
     def _release(self, d: Delivery) -> None:
         if d.lock is not None:
@@ -465,19 +381,6 @@ class Worker:
                 fcntl.flock(d.lock, fcntl.LOCK_UN)
             d.lock.close()
             d.lock = None
-
-    # -- control ------------------------------------------------------------------
-    def _bind_control(self, d: Delivery) -> None:
-        d.control_key = f"{d.job.job_id}.control"
-        if self._online() and self.control_queue:
-            self.channel.queue_bind(self.control_queue, self.topology.control_exchange,
-                                    d.control_key)
-
-    def _unbind_control(self, d: Delivery) -> None:
-        if d.control_key and self._online() and self.control_queue:
-            self.channel.queue_unbind(self.control_queue, self.topology.control_exchange,
-                                      d.control_key)
-        d.control_key = ""
 
     def _on_control(self, _channel: Any, _method: Any, _props: Any, body: bytes) -> None:
         try:
@@ -492,49 +395,6 @@ class Worker:
             return
         log.info("control: %s job %s", message.action, message.job_id)
         d.control.request(message.action)
-
-    # -- publishing ---------------------------------------------------------------
-    def _publish_event(self, event: LifecycleEvent) -> None:
-        props = pika.BasicProperties(content_type="application/json", delivery_mode=PERSISTENT)
-        with self._outbox_lock:
-            self._outbox.append((event.routing_key, event.encode(), props))
-
-    def _wake(self) -> None:
-        conn = self.conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.add_callback_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        """Publish buffered lifecycle events in order, each confirmed (connection thread)."""
-        if not self._online():
-            return
-        while True:
-            with self._outbox_lock:
-                if not self._outbox:
-                    return
-                routing_key, body, props = self._outbox[0]
-            try:
-                self.channel.basic_publish(self.topology.events_exchange, routing_key, body,
-                                           props)
-            except pika.exceptions.NackError:
-                log.warning("broker refused an event; will retry")
-                return
-            with self._outbox_lock:
-                self._outbox.popleft()
-
-    def _publish_status(self, d: Delivery) -> None:
-        status = d.control.status
-        if status is None or status.state not in (State.STARTED, State.PAUSED):
-            return
-        event = StatusEvent(job_id=d.job.job_id, state=status.state,
-                            elapsed_s=status.elapsed_s, attempt=d.attempt, worker=self.name,
-                            memory_mb=status.memory_mb, cpu_s=status.cpu_s)
-        props = pika.BasicProperties(content_type="application/json",
-                                     delivery_mode=TRANSIENT)
-        with contextlib.suppress(pika.exceptions.NackError, pika.exceptions.UnroutableError):
-            self.channel.basic_publish(self.topology.events_exchange, event.routing_key,
-                                       event.encode(), props)
 
 
 def run(settings: Settings) -> int:

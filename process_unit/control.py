@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-ACTIONS = ("pause", "resume", "stop", "shutdown")
+from labq.shared.lifecycle import Action
 
 
 @dataclass(frozen=True)
@@ -26,24 +26,23 @@ class Status:
 class Control:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._actions: deque[str] = deque()
+        self._actions: deque[Action] = deque()
         self._wake = threading.Event()
         self._stop = False
         self._shutdown = False
         self._status: Status | None = None
 
-    def request(self, action: str) -> None:
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}")
+    def request(self, action: Action | str) -> None:
+        action = Action(action)  # ValueError for anything else
         with self._lock:
             self._actions.append(action)
-            if action == "stop":
+            if action == Action.STOP:
                 self._stop = True
-            elif action == "shutdown":
+            elif action == Action.SHUTDOWN:
                 self._shutdown = True
             self._wake.set()
 
-    def take(self, timeout: float = 0.0) -> str | None:
+    def take(self, timeout: float = 0.0) -> Action | None:
         """The oldest pending request, waiting up to ``timeout`` seconds for one."""
         deadline = time.monotonic() + timeout
         while True:

@@ -6,8 +6,8 @@ and stop requests and the job's limits, stores ``output/`` as the results, write
 ``outcome.json`` and reports every lifecycle step through ``emit(state, **fields)``.
 It never touches RabbitMQ: the worker turns ``emit`` calls into events.
 
-What ``run_job`` returns tells the worker what to do with the delivery:
-``"stopped"``/``"failed"`` (outcome recorded: ack) or ``"queued"`` (the worker is
+What ``run_job`` returns (a :class:`RunResult`) tells the worker what to do with the
+delivery: ``STOPPED``/``FAILED`` (outcome recorded: ack) or ``QUEUED`` (the worker is
 shutting down and put the job back: nack with requeue, no outcome).
 """
 
@@ -17,6 +17,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,8 +37,9 @@ from labq.process_unit.supervisor import Supervisor, classify, new_token
 from labq.process_unit.usage import Usage, cpu_seconds, write_usage
 from labq.shared.bundle import OUTPUT_DIR, REQUIREMENTS, BundleLimits, extract_bundle
 from labq.shared.errors import BundleTooLargeError, LabqError
-from labq.shared.lifecycle import Outcome, State
+from labq.shared.lifecycle import Action, Outcome, RunResult, State
 from labq.shared.messages import JobMessage
+from labq.shared.outcome import OutcomeRecord
 from labq.shared.settings import MIB, Settings
 from labq.shared.storage import Storage
 
@@ -46,6 +48,16 @@ log = logging.getLogger(__name__)
 Emit = Callable[..., Any]
 #: How often the job thread checks the process, its limits and the mailbox.
 POLL_S = 0.25
+
+
+class Verdict(StrEnum):
+    """Why supervising a running script ended."""
+
+    EXITED = "exited"  #: the script ended by itself
+    STOP = "stop"  #: the user stopped it
+    SHUTDOWN = "shutdown"  #: the worker is stopping: the job goes back on the queue
+    TIMEOUT = "timeout"  #: its running time reached timeout_s
+    MEMORY = "memory"  #: it used more than memory_mb
 
 
 def prepare_output(project: Path) -> None:
@@ -133,13 +145,10 @@ class _Run:
         return {"peak_rss_mb": self.usage.peak_rss_mb, "cpu_s": self.usage.cpu_s}
 
     def finish(self, state: State, outcome: Outcome, exit_code: int | None = None,
-               error: str | None = None) -> str:
+               error: str | None = None) -> RunResult:
         measures = self.measures()
-        record = {
-            "state": str(state), "outcome": str(outcome), "exit_code": exit_code,
-            "error": error, "attempt": self.attempt, "worker": self.worker, "at": time.time(),
-            **measures,
-        }
+        record = OutcomeRecord(state=state, outcome=outcome, exit_code=exit_code, error=error,
+                               attempt=self.attempt, worker=self.worker, **measures)
         # Written (again) once the job's processes are gone: the job can write to its
         # folder while it runs, so what it may have put there is replaced.
         if self.usage is not None:
@@ -149,12 +158,12 @@ class _Run:
         self.storage.write_outcome(self.job.job_id, record)
         self.set_state(state, outcome=str(outcome), exit_code=exit_code, error=error,
                        **measures)
-        return str(state)
+        return RunResult(str(state))
 
 
 def run_job(job: JobMessage, settings: Settings, emit: Emit, control: Control, *,
             attempt: int, worker: str, storage: Storage | None = None,
-            envs: EnvCache | None = None, sandbox: HostSandbox | None = None) -> str:
+            envs: EnvCache | None = None, sandbox: HostSandbox | None = None) -> RunResult:
     """Run ``job`` (attempt number ``attempt``) to its end; see the module docstring.
 
     ``sandbox``: the worker's :class:`HostSandbox` (None: no sandbox, as in unit tests).
@@ -188,7 +197,7 @@ def run_job(job: JobMessage, settings: Settings, emit: Emit, control: Control, *
 
 
 def _run(run: _Run, job: JobMessage, settings: Settings, storage: Storage, envs: EnvCache,
-         workspace: Path, log_file: BinaryIO) -> str:
+         workspace: Path, log_file: BinaryIO) -> RunResult:
     control = run.control
     # Orphans of an earlier attempt whose worker died must be gone before this one runs.
     proctree.kill_job_leftovers(job.job_id, sandbox.TOKEN_VAR)
@@ -207,7 +216,7 @@ def _run(run: _Run, job: JobMessage, settings: Settings, storage: Storage, envs:
         return run.finish(State.STOPPED, Outcome.CANCELLED)
     if control.shutdown_requested:
         run.set_state(State.QUEUED)
-        return "queued"
+        return RunResult.QUEUED
     requirements = _requirements(run, project, workspace, log_file)
     try:
         return _run_in_env(run, job, envs, requirements, project, workspace, log_file)
@@ -217,7 +226,7 @@ def _run(run: _Run, job: JobMessage, settings: Settings, storage: Storage, envs:
 
 
 def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path | None,
-                project: Path, workspace: Path, log_file: BinaryIO) -> str:
+                project: Path, workspace: Path, log_file: BinaryIO) -> RunResult:
     storage, control = run.storage, run.control
     with envs.acquire(requirements, log_file,
                       cancelled=lambda: control.stop_requested) as env_dir:
@@ -230,13 +239,14 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
             (workspace / folder).mkdir(exist_ok=True)
         assert run.sandbox is not None
         run.box = box = run.sandbox.open(
-            workspace=workspace, memory_mb=job.memory_mb, cpus=job.cpus,
-            max_output_bytes=job.max_output_bytes, network=job.network,
+            workspace=workspace, memory_mb=job.spec.memory_mb, cpus=job.spec.cpus,
+            max_output_bytes=job.spec.max_output_bytes, network=job.spec.network,
             name=run_name(f"{job.job_id[:12]}-{run.attempt}"))
         command = sandbox.build_command(
             env_dir=env_dir, project=project, workspace=workspace,
-            entrypoint=job.entrypoint, args=job.args, user_env=job.env, job_id=job.job_id,
-            attempt=run.attempt, token=new_token(), cpus=job.cpus, jail=box.jail,
+            entrypoint=job.spec.entrypoint, args=job.spec.args, user_env=job.spec.env,
+            job_id=job.job_id,
+            attempt=run.attempt, token=new_token(), cpus=job.spec.cpus, jail=box.jail,
         )
         sup = Supervisor(command, log_file.fileno(), finder=box.processes)
         run.usage = Usage()
@@ -253,8 +263,8 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
     # Anything the job left running (in its cgroup or as its uid) goes before its
     # output/ is read: nothing of the job can change what labq stores as results.
     box.kill()
-    if verdict == "exited" and box.out_of_memory():
-        verdict = "memory"
+    if verdict == Verdict.EXITED and box.out_of_memory():
+        verdict = Verdict.MEMORY
         peak = box.cgroup.peak_bytes() if box.cgroup else None
         if peak:
             run.memory_mb = round(peak / MIB)
@@ -262,20 +272,20 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
     return _conclude(run, sup, verdict, project, log_file)
 
 
-def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> str:
+def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict:
     """Drive the run until it ends; return why: exited, stop, shutdown, timeout, memory."""
     job, settings, control = run.job, run.settings, run.control
-    limit_bytes = job.memory_mb * MIB if job.memory_mb else 0
+    limit_bytes = job.spec.memory_mb * MIB if job.spec.memory_mb else 0
     next_memory = 0.0
     while True:
         if sup.poll() is not None:
-            return "exited"
+            return Verdict.EXITED
         now = time.monotonic()
         # Running time only: a paused job is not charged (as Slurm does for suspended jobs).
-        if job.timeout_s and run.elapsed(sup) >= job.timeout_s:
-            _note(log_file, f"time limit of {job.timeout_s} s reached; stopping the job")
+        if job.spec.timeout_s and run.elapsed(sup) >= job.spec.timeout_s:
+            _note(log_file, f"time limit of {job.spec.timeout_s} s reached; stopping the job")
             sup.kill(settings.stop_grace_s)
-            return "timeout"
+            return Verdict.TIMEOUT
         if now >= next_memory:
             next_memory = now + POLL_S
             procs = sup.processes()
@@ -286,56 +296,57 @@ def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> str:
             if limit_bytes and used > limit_bytes:
                 run.memory_mb = round(used / MIB)
                 sup.kill_now()
-                return "memory"
+                return Verdict.MEMORY
         run.publish_status(sup)
         action = control.take(timeout=POLL_S)
-        if action in ("stop", "shutdown") and sup.poll() is not None:
+        if action in (Action.STOP, Action.SHUTDOWN) and sup.poll() is not None:
             # It ended on its own while we waited for the request: that end stands, and
             # a job that finished must not be put back and run again.
-            return "exited"
-        if action == "pause" and run.state == State.STARTED:
+            return Verdict.EXITED
+        if action == Action.PAUSE and run.state == State.STARTED:
             sup.pause()
             run.paused_since = time.monotonic()
             run.set_state(State.PAUSED)
-        elif action == "resume" and run.state == State.PAUSED:
+        elif action == Action.RESUME and run.state == State.PAUSED:
             sup.resume()
             if run.paused_since is not None:
                 run.paused_total += time.monotonic() - run.paused_since
             run.paused_since = None
             run.set_state(State.STARTED)
-        elif action == "stop":
+        elif action == Action.STOP:
             _note(log_file, "stopped by the user")
             sup.kill(settings.stop_grace_s)
-            return "stop"
-        elif action == "shutdown":
+            return Verdict.STOP
+        elif action == Action.SHUTDOWN:
             _note(log_file, "the worker is shutting down; the job goes back on the queue")
             sup.kill(settings.stop_grace_s)
-            return "shutdown"
+            return Verdict.SHUTDOWN
 
 
-def _conclude(run: _Run, sup: Supervisor, verdict: str, project: Path,
-              log_file: BinaryIO) -> str:
+def _conclude(run: _Run, sup: Supervisor, verdict: Verdict, project: Path,
+              log_file: BinaryIO) -> RunResult:
     job = run.job
     returncode = sup.wait()
     exit_info = classify(returncode, shell_convention=bool(run.box and run.box.jail.bwrap))
-    if verdict == "shutdown":
+    if verdict == Verdict.SHUTDOWN:
         run.set_state(State.QUEUED)
-        return "queued"
-    if verdict in ("exited", "timeout", "memory") and run.state == State.STARTED:
+        return RunResult.QUEUED
+    if verdict in (Verdict.EXITED, Verdict.TIMEOUT, Verdict.MEMORY) \
+            and run.state == State.STARTED:
         run.set_state(State.COMPLETED, exit_code=exit_info.exit_code)
     error: str | None = None
-    if verdict == "exited":
+    if verdict == Verdict.EXITED:
         outcome = Outcome.SUCCEEDED if exit_info.ok else Outcome.ERROR
         if exit_info.signal_text:
             error = f"the job was {exit_info.signal_text}"
         elif not exit_info.ok:
             error = f"the job exited with code {exit_info.exit_code}"
-    elif verdict == "timeout":
+    elif verdict == Verdict.TIMEOUT:
         outcome = Outcome.TIMEOUT
-        error = f"the job ran longer than its time limit of {job.timeout_s} s"
-    elif verdict == "memory":
+        error = f"the job ran longer than its time limit of {job.spec.timeout_s} s"
+    elif verdict == Verdict.MEMORY:
         outcome = Outcome.ERROR
-        error = (f"out of memory (limit {job.memory_mb} MB): the job used "
+        error = (f"out of memory (limit {job.spec.memory_mb} MB): the job used "
                  f"{run.memory_mb or 0:.0f} MB at its peak")
     else:  # stop
         outcome = Outcome.CANCELLED
@@ -343,7 +354,7 @@ def _conclude(run: _Run, sup: Supervisor, verdict: str, project: Path,
         _note(log_file, error)
     try:
         size = store_results(run.storage, job.job_id, project / OUTPUT_DIR,
-                             job.max_output_bytes)
+                             job.spec.max_output_bytes)
         _note(log_file, f"stored {size} bytes of output/")
     except BundleTooLargeError as exc:
         _note(log_file, f"results not stored: {exc.message}")

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, insert, select
 from labq.producer.publisher import Publisher
 from labq.shared import db
 from labq.shared.lifecycle import State
+from labq.shared.manifest import JobSpec
 from labq.shared.messages import JobMessage
 from labq.shared.topology import JOB_ROUTING_KEY
 
@@ -30,19 +31,11 @@ QUEUED_SEQ = 1
 
 
 def job_message(row: Mapping[str, Any]) -> JobMessage:
-    spec = json.loads(row["spec"])
     return JobMessage(
         job_id=row["id"],
         name=row["name"],
         bundle_sha256=row["bundle_sha256"],
-        entrypoint=spec["entrypoint"],
-        args=list(spec.get("args", [])),
-        env=dict(spec.get("env", {})),
-        timeout_s=int(spec.get("timeout_s", 0)),
-        memory_mb=int(spec.get("memory_mb", 0)),
-        cpus=int(spec.get("cpus", 0)),
-        max_output_bytes=int(spec.get("max_output_bytes", 0)),
-        network=bool(spec.get("network", False)),
+        spec=JobSpec.from_dict(json.loads(row["spec"])),
         submitted_at=float(row["created_at"] or 0.0),
         # A rerun installs the exact packages the job it re-runs had.
         lock_of=row.get("rerun_of") or "",

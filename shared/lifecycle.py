@@ -39,6 +39,31 @@ class Outcome(StrEnum):
     FAILED = "failed"  #: labq could not run it (bad bundle, environment, worker lost)
 
 
+class Action(StrEnum):
+    """What the job thread of a worker is asked to do with a running job."""
+
+    PAUSE = "pause"  #: freeze the script's process tree
+    RESUME = "resume"  #: let it go on
+    STOP = "stop"  #: end it (outcome cancelled)
+    SHUTDOWN = "shutdown"  #: the worker is stopping: put the job back on the queue
+
+
+#: The actions a control message may carry (SHUTDOWN never travels on the broker).
+CONTROL_ACTIONS: frozenset[Action] = frozenset({Action.PAUSE, Action.RESUME, Action.STOP})
+#: The control action that moves a running job to a requested state.
+ACTION_FOR_STATE: dict[State, Action] = {
+    State.PAUSED: Action.PAUSE, State.STARTED: Action.RESUME, State.STOPPED: Action.STOP,
+}
+
+
+class RunResult(StrEnum):
+    """How one attempt at a job ended, as far as the worker's delivery is concerned."""
+
+    STOPPED = "stopped"  #: it has its outcome (recorded): ack
+    FAILED = "failed"  #: labq could not run it (recorded): ack
+    QUEUED = "queued"  #: put back unfinished (a stopping worker): nack, to run again
+
+
 TERMINAL: frozenset[State] = frozenset({State.STOPPED, State.FAILED})
 #: States in which a worker holds the job.
 RUNNING: frozenset[State] = frozenset(

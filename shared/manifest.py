@@ -56,6 +56,28 @@ class JobSpec:
     #: The job may reach the network (only if the server allows it: LABQ_ALLOW_NETWORK).
     network: bool = False
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """A spec as stored (``jobs.spec``) or sent (``JobMessage.spec``); ValueError or
+        TypeError for anything that is not one."""
+        args, env = data.get("args", []), data.get("env", {})
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ValueError("args must be a list of strings")
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("env must map strings to strings")
+        entrypoint = data["entrypoint"]
+        if not isinstance(entrypoint, str) or not entrypoint:
+            raise ValueError("entrypoint must be a file name")
+        numbers = {}
+        for name in ("timeout_s", "memory_mb", "cpus", "max_output_bytes"):
+            value = data.get(name) or 0
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number")
+            numbers[name] = int(value)
+        return cls(entrypoint=entrypoint, args=list(args), env=dict(env),
+                   network=bool(data.get("network", False)), **numbers)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "entrypoint": self.entrypoint,

@@ -5,7 +5,7 @@ classmethod ``decode(bytes)`` that raises :class:`DecodeError` for anything it c
 read; undecodable job messages are dead-lettered, never retried.
 
 * :class:`JobMessage` — the claim check on the jobs queue: ids, the bundle's content
-  hash and the resolved limits; never the bundle itself.
+  hash and the resolved :class:`JobSpec`; never the bundle itself.
 * :class:`LifecycleEvent` — a state change, routing key ``<job id>.lifecycle``, with a
   per-job sequence number so stale or repeated events are dropped.
 * :class:`StatusEvent` — about once a second while a job runs (``<job id>.status``).
@@ -21,6 +21,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Self
 
 from labq.shared.errors import DecodeError
+from labq.shared.lifecycle import CONTROL_ACTIONS
+from labq.shared.manifest import JobSpec
+
+SPEC_FIELDS = ("entrypoint", "args", "env", "timeout_s", "memory_mb", "cpus",
+               "max_output_bytes", "network")
 
 SCHEMA_VERSION = 1
 #: Sequence numbers are ``attempt * SEQ_PER_ATTEMPT + n`` so a retry's events always
@@ -85,34 +90,39 @@ class _Message:
 
 @dataclass(frozen=True)
 class JobMessage(_Message):
+    """The claim check: which job, which bundle, and the resolved spec to run it with."""
+
     kind: ClassVar[str] = "job"
 
     job_id: str
     name: str
     bundle_sha256: str
-    entrypoint: str
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    timeout_s: int = 0
-    memory_mb: int = 0
-    cpus: int = 0
-    max_output_bytes: int = 0
+    spec: JobSpec
     submitted_at: float = 0.0
-    #: The job may reach the network (the server allowed it at upload).
-    network: bool = False
     #: A job id whose recorded environment lock replaces requirements.txt (a rerun).
     lock_of: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "spec": self.spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        if isinstance(data, dict) and "spec" not in data and "entrypoint" in data:
+            # The flat layout of labq before 0.3 (a message queued across an upgrade).
+            data = {**data, "spec": {k: data[k] for k in SPEC_FIELDS if k in data}}
+        if isinstance(data, dict) and isinstance(data.get("spec"), dict):
+            try:
+                data = {**data, "spec": JobSpec.from_dict(data["spec"])}
+            except (KeyError, ValueError, TypeError) as exc:
+                raise DecodeError(f"bad job spec: {exc}") from exc
+        elif isinstance(data, dict):
+            raise DecodeError("a job message needs a spec object")
+        return super().from_dict(data)
 
     def _check(self) -> None:
         super()._check()
         if not self.job_id or not self.bundle_sha256:
             raise DecodeError("a job message needs job_id and bundle_sha256")
-        if not isinstance(self.args, list) or not all(isinstance(a, str) for a in self.args):
-            raise DecodeError("args must be a list of strings")
-        if not isinstance(self.env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
-        ):
-            raise DecodeError("env must map strings to strings")
 
 
 @dataclass(frozen=True)
@@ -156,9 +166,6 @@ class StatusEvent(_Message):
     @property
     def routing_key(self) -> str:
         return f"{self.job_id}.status"
-
-
-CONTROL_ACTIONS = ("pause", "resume", "stop")
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from labq.shared.errors import LabqError, NotFoundError
+from labq.shared.outcome import OutcomeRecord
 
 
 class BundleTamperedError(LabqError):
@@ -158,16 +159,17 @@ class Storage:
         return os.fdopen(fd, "rb")
 
     # -- records --------------------------------------------------------------
-    def write_outcome(self, job_id: str, record: dict[str, Any]) -> None:
-        atomic_write(self.outcome_path(job_id), json.dumps(record, indent=2).encode())
+    def write_outcome(self, job_id: str, record: OutcomeRecord) -> None:
+        atomic_write(self.outcome_path(job_id), json.dumps(record.to_dict(), indent=2).encode())
 
-    def read_outcome(self, job_id: str) -> dict[str, Any] | None:
+    def read_outcome(self, job_id: str) -> OutcomeRecord | None:
         try:
-            return json.loads(self.outcome_path(job_id).read_bytes())
+            data = json.loads(self.outcome_path(job_id).read_bytes())
         except FileNotFoundError:
             return None
         except ValueError:
             return None  # a torn file cannot exist (atomic rename); treat junk as absent
+        return OutcomeRecord.from_dict(data)
 
     def mark_cancelled(self, job_id: str) -> None:
         atomic_write(self.cancel_path(job_id), f"{time.time()}\n".encode())

@@ -28,6 +28,7 @@ from typing import Any
 import pika
 from helpers import LabqSystem, make_zip, wait_until
 
+from labq.shared.manifest import JobSpec
 from labq.shared.messages import JobMessage
 from labq.shared.topology import JOB_ROUTING_KEY, PERSISTENT, Topology
 
@@ -369,7 +370,7 @@ def publish_job_raw(system: LabqSystem, body: bytes) -> None:
 def job_message(job: dict[str, Any], bundle: bytes) -> JobMessage:
     return JobMessage(
         job_id=job["id"], name=job.get("name") or "proj",
-        bundle_sha256=hashlib.sha256(bundle).hexdigest(), entrypoint="code.py",
+        bundle_sha256=hashlib.sha256(bundle).hexdigest(), spec=JobSpec("code.py"),
     )
 
 

@@ -14,6 +14,7 @@ import pytest
 from helpers import LabqSystem, make_zip
 from unit.test_envcache import make_wheel  # a hand-written wheel: no network
 
+from labq.shared.manifest import JobSpec
 from labq.shared.messages import JobMessage
 from labq.shared.storage import Storage
 from labq.shared.topology import PERSISTENT, Topology
@@ -129,7 +130,7 @@ def test_duplicate_delivery_runs_once(system):
     job_id = resp.json()["id"]
     done = system.wait_done(job_id)
     message = JobMessage(job_id=job_id, name="proj", bundle_sha256=hashlib.sha256(bundle)
-                         .hexdigest(), entrypoint="code.py")
+                         .hexdigest(), spec=JobSpec("code.py"))
     conn = pika.BlockingConnection(pika.URLParameters(system.settings.rabbitmq_url))
     try:
         ch = conn.channel()

@@ -23,6 +23,7 @@ import pika
 import pytest
 from helpers import RABBITMQ_URL, REPO, delete_topology, pid_alive, unique_prefix, wait_until
 
+from labq.shared.manifest import JobSpec
 from labq.shared.messages import JobMessage, decode_event
 from labq.shared.storage import Storage, new_job_id, sha256_of
 from labq.shared.topology import PERSISTENT, Topology
@@ -77,7 +78,7 @@ class Workers:
         sha = sha256_of(staged)
         self.storage.store_bundle(staged, sha)
         return JobMessage(job_id=new_job_id(), name="proj", bundle_sha256=sha,
-                          entrypoint="code.py", **fields)
+                          spec=JobSpec("code.py", **fields))
 
     def publish(self, body: bytes) -> None:
         self.ch.basic_publish(self.topology.jobs_exchange, "job", body,

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from labq.shared.errors import DecodeError
+from labq.shared.manifest import JobSpec
 from labq.shared.messages import (
     ControlMessage,
     JobMessage,
@@ -16,9 +17,10 @@ from labq.shared.messages import (
     event_seq,
 )
 
-JOB = JobMessage(job_id="a" * 32, name="proj", bundle_sha256="b" * 64, entrypoint="code.py",
-                 args=["--n", "3"], env={"SEED": "1"}, timeout_s=60, memory_mb=128, cpus=1,
-                 max_output_bytes=1024, submitted_at=12.5)
+JOB = JobMessage(job_id="a" * 32, name="proj", bundle_sha256="b" * 64,
+                 spec=JobSpec("code.py", args=["--n", "3"], env={"SEED": "1"}, timeout_s=60,
+                              memory_mb=128, cpus=1, max_output_bytes=1024),
+                 submitted_at=12.5)
 
 
 @pytest.mark.parametrize("message", [
@@ -53,6 +55,14 @@ def test_events_decode_by_kind():
     b' "entrypoint": "e"}',
     b'{"kind": "job", "schema_version": 1, "job_id": "x", "name": "n", "bundle_sha256": "s",'
     b' "entrypoint": "e", "args": "rm -rf"}',
+    b'{"kind": "job", "schema_version": 1, "job_id": "x", "name": "n", "bundle_sha256": "s",'
+    b' "spec": {"entrypoint": "e", "env": {"A": 1}}}',
+    b'{"kind": "job", "schema_version": 1, "job_id": "x", "name": "n", "bundle_sha256": "s",'
+    b' "spec": {"args": []}}',
+    b'{"kind": "job", "schema_version": 1, "job_id": "x", "name": "n", "bundle_sha256": "s",'
+    b' "spec": "code.py"}',
+    b'{"kind": "job", "schema_version": 1, "job_id": "x", "name": "n", "bundle_sha256": "s",'
+    b' "spec": {"entrypoint": "e", "memory_mb": "lots"}}',
     b"\xff\xfe",
 ])
 def test_anything_that_is_not_a_job_message_is_a_decode_error(body):
@@ -68,3 +78,13 @@ def test_control_actions_are_checked():
 
 def test_sequence_numbers_of_a_retry_sort_after_the_first_attempt():
     assert event_seq(2, 1) > event_seq(1, 999)
+
+
+def test_a_job_message_queued_by_an_older_labq_still_decodes():
+    """Before JobMessage held a JobSpec its fields were flat; such a message may sit on
+    the queue across an upgrade and must still run as it was submitted."""
+    flat = (b'{"kind": "job", "schema_version": 1, "job_id": "' + b"a" * 32 + b'", "name": "n",'
+            b' "bundle_sha256": "' + b"b" * 64 + b'", "entrypoint": "run.py",'
+            b' "args": ["-v"], "memory_mb": 64, "network": false}')
+    job = JobMessage.decode(flat)
+    assert job.spec == JobSpec("run.py", args=["-v"], memory_mb=64)

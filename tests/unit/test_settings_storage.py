@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from labq.shared.errors import ConfigError, NotFoundError
+from labq.shared.lifecycle import Outcome, State
+from labq.shared.outcome import OutcomeRecord
 from labq.shared.settings import Settings
 from labq.shared.storage import Storage, new_job_id
 
@@ -47,8 +49,12 @@ def test_records_attempts_outcome_and_cancel_marker(tmp_path):
     assert storage.read_outcome(job) is None and storage.attempts(job) == 0
     assert storage.record_attempt(job, "w1") == 1
     assert storage.record_attempt(job, "w2") == 2
-    storage.write_outcome(job, {"outcome": "succeeded"})
-    assert storage.read_outcome(job) == {"outcome": "succeeded"}
+    record = OutcomeRecord(state=State.STOPPED, outcome=Outcome.SUCCEEDED, exit_code=0,
+                           attempt=2, worker="w2")
+    storage.write_outcome(job, record)
+    assert storage.read_outcome(job) == record
+    storage.outcome_path(job).write_text('{"state": "nonsense"}')
+    assert storage.read_outcome(job) is None  # junk is no outcome
     assert not storage.is_cancelled(job)
     storage.mark_cancelled(job)
     assert storage.is_cancelled(job)

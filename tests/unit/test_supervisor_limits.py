@@ -13,6 +13,7 @@ import pytest
 from labq.process_unit import proctree
 from labq.process_unit.control import Control
 from labq.process_unit.runner import run_job
+from labq.shared.manifest import JobSpec
 from labq.shared.messages import JobMessage
 from labq.shared.settings import Settings
 from labq.shared.storage import Storage, new_job_id, sha256_of
@@ -39,7 +40,7 @@ def run(tmp: Path, files: dict[str, str], control: Control | None = None, **limi
     settings = Settings(data_dir=tmp / "data", stop_grace_s=1, uv_offline=True)
     storage = Storage(settings.data_dir).ensure()
     job = JobMessage(job_id=new_job_id(), name="t", bundle_sha256=bundle(storage, files),
-                     entrypoint="code.py", **limits)
+                     spec=JobSpec("code.py", **limits))
     events: list[tuple[str, dict]] = []
     final = run_job(job, settings, lambda state, **f: events.append((state, f)),
                     control or Control(), attempt=1, worker="w-test", storage=storage)
@@ -53,7 +54,7 @@ def test_success_stores_output_and_walks_the_lifecycle(tmp_path):
         "output/keep.txt": "x"})
     assert final == "stopped"
     assert [s for s, _ in events] == ["initialized", "started", "completed", "stopped"]
-    assert outcome["outcome"] == "succeeded" and outcome["exit_code"] == 0
+    assert outcome.outcome == "succeeded" and outcome.exit_code == 0
     assert (storage.results_dir(job.job_id) / "sub" / "r.txt").read_text() == "result"
     assert zipfile.ZipFile(storage.results_zip(job.job_id)).namelist() == ["keep.txt",
                                                                            "sub/r.txt"]
@@ -68,8 +69,8 @@ def test_timeout(tmp_path):
     _, events, outcome, _, _ = run(tmp_path, {"code.py": "import time\ntime.sleep(60)\n"},
                                    timeout_s=1)
     assert time.monotonic() - t0 < 15
-    assert outcome["outcome"] == "timeout" and events[-1][0] == "stopped"
-    assert "time limit of 1 s" in outcome["error"]
+    assert outcome.outcome == "timeout" and events[-1][0] == "stopped"
+    assert "time limit of 1 s" in outcome.error
 
 
 def test_memory_limit(tmp_path):
@@ -78,21 +79,21 @@ def test_memory_limit(tmp_path):
         "    blocks.append(bytearray(20 * 1024 * 1024))\n"
         "    for i in range(0, len(blocks[-1]), 4096): blocks[-1][i] = 1\n"
         "    time.sleep(0.05)\n")}, memory_mb=100)
-    assert outcome["outcome"] == "error"
-    assert outcome["error"].startswith("out of memory (limit 100 MB): the job used ")
+    assert outcome.outcome == "error"
+    assert outcome.error.startswith("out of memory (limit 100 MB): the job used ")
 
 
 def test_signal_killed_job(tmp_path):
     _, _, outcome, _, _ = run(tmp_path, {"code.py": "import os\nos.abort()\n"})
-    assert outcome["outcome"] == "error" and outcome["exit_code"] == -6
-    assert "killed by SIGABRT" in outcome["error"]
+    assert outcome.outcome == "error" and outcome.exit_code == -6
+    assert "killed by SIGABRT" in outcome.error
 
 
 def test_bad_bundle_fails_with_readable_error(tmp_path):
     final, events, outcome, _, _ = run(tmp_path, {"code.py": "print(1)\n",
                                                   "requirements.txt": "no-such-pkg-labq==1\n"})
     assert final == "failed" and events[-1][0] == "failed"
-    assert outcome["outcome"] == "failed" and "no-such-pkg-labq" in outcome["error"]
+    assert outcome.outcome == "failed" and "no-such-pkg-labq" in outcome.error
 
 
 def test_pause_resume_stop_through_control(tmp_path):
@@ -121,7 +122,7 @@ def test_pause_resume_stop_through_control(tmp_path):
     thread.join(20)
     states = [s for s, _ in result["events"]]
     assert states == ["initialized", "started", "paused", "started", "stopped"]
-    assert result["outcome"]["outcome"] == "cancelled"
+    assert result["outcome"].outcome == "cancelled"
 
 
 class _EndsDuringWait:
@@ -154,7 +155,7 @@ def test_a_job_that_ends_as_shutdown_arrives_keeps_its_end(tmp_path, action):
     control = Control()
     control.request(action)
     job = JobMessage(job_id=new_job_id(), name="t", bundle_sha256="0" * 64,
-                     entrypoint="code.py")
+                     spec=JobSpec("code.py"))
     run_ = _Run(job, settings, Storage(settings.data_dir).ensure(), lambda *a, **k: None,
                 control, attempt=1, worker="w-test")
     sup = _EndsDuringWait()
