@@ -33,12 +33,14 @@ log = logging.getLogger(__name__)
 RERUN_FIELDS = ("args", "env", "timeout_s", "memory_mb", "cpus", "max_output_mb")
 
 
-def publish_quietly(svc: Any, job_id: str) -> None:
+def publish_quietly(svc: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Publish a new job; returns its row as it is now (still ``created`` when the broker
+    is away: the outbox relay publishes it once the broker is back)."""
     try:
-        publish_job(svc.engine, svc.publisher, job_id)
+        return publish_job(svc.engine, svc.publisher, job)
     except BrokerUnavailableError as exc:
-        # Accepted all the same: the outbox relay publishes it when the broker is back.
-        log.warning("job %s stays created for now: %s", job_id, exc.message)
+        log.warning("job %s stays created for now: %s", job["id"], exc.message)
+        return job
 
 
 def notify_url_of(info: BundleInfo, form_value: str | None, settings: Any) -> str | None:
@@ -70,8 +72,7 @@ def create_sweep(svc: Any, info: BundleInfo, spec: JobSpec, combos: list[dict[st
             return group_members(svc.engine, job["group_id"]) if job["group_id"] else [job], \
                 False
         members.append(job)
-    for job in members:
-        publish_quietly(svc, job["id"])
+    members = [publish_quietly(svc, job) for job in members]
     log.info("group %s: %d jobs of %s", group_id, len(members), info.name)
     return members, True
 
@@ -106,9 +107,9 @@ def create_rerun(svc: Any, old: dict[str, Any], overrides: Any,
         name=old["name"], spec=spec, bundle_sha256=old["bundle_sha256"],
         bundle_bytes=old["bundle_bytes"], owner=owner,
         extra={"rerun_of": old["id"], "notify_url": old.get("notify_url")})
-    publish_quietly(svc, job["id"])
+    job = publish_quietly(svc, job)
     log.info("job %s re-runs %s", job["id"], old["id"])
-    return svc.registry.get(job["id"])
+    return job
 
 
 def group_members(engine: Any, group_id: str) -> list[dict[str, Any]]:

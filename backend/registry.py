@@ -1,7 +1,7 @@
 """The job registry: the backend's domain layer over the database.
 
 Views stay thin and call these functions. Every change of a job's ``state`` goes
-through :func:`shared.db.compare_and_set`, re-reading and deciding again when another
+through :func:`shared.jobstore.move`, re-reading and deciding again when another
 thread won the race, so concurrent requests and events never lose an update.
 """
 
@@ -10,19 +10,17 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from labq.backend.jobfields import extra_fields
 from labq.producer import fairshare
 from labq.producer.control import WorkerUnreachableError, send_control
-from labq.producer.jobs import insert_event
 from labq.producer.publisher import Publisher
-from labq.shared import db, lifecycle
+from labq.shared import db, jobstore, lifecycle
 from labq.shared.durations import event_measures, timestamps_for
 from labq.shared.errors import BadRequestError, BrokerUnavailableError, NotFoundError
 from labq.shared.lifecycle import ACTION_FOR_STATE, Decision, Outcome, State
@@ -114,23 +112,20 @@ class Registry:
         the same transaction: 429 past the owner's quota, or the job is held
         (``hold_reason``) past their running limit.
         """
-        job_id = new_job_id()
-        now = time.time()
         try:
             with self.engine.begin() as conn:
                 held = fairshare.admit(conn, owner, self.settings) if owner else None
-                conn.execute(insert(db.jobs).values(owner=owner, hold_reason=held,
-                    id=job_id, name=name, state=State.CREATED, attempts=0, seq=0,
-                    bundle_sha256=bundle_sha256, bundle_bytes=bundle_bytes,
-                    spec=json.dumps(spec.to_dict()), idempotency_key=idempotency_key,
-                    created_at=now, updated_at=now, **(extra or {})))
-                insert_event(conn, job_id=job_id, seq=0, state=State.CREATED, at=now)
+                row = jobstore.insert_job(conn, {
+                    "id": new_job_id(), "name": name, "owner": owner, "hold_reason": held,
+                    "bundle_sha256": bundle_sha256, "bundle_bytes": bundle_bytes,
+                    "spec": json.dumps(spec.to_dict()), "idempotency_key": idempotency_key,
+                    **(extra or {})})
         except IntegrityError:
             existing = self.find_by_key(idempotency_key, owner) if idempotency_key else None
             if existing is None:
                 raise
             return existing, False
-        return self.get(job_id), True
+        return row, True
 
     # -- control ----------------------------------------------------------------
     def request_state(self, job_id: str, target: str,
@@ -179,27 +174,18 @@ class Registry:
         raise RuntimeError(f"job {job_id}: too many concurrent changes; try again")
 
     def _cancel_now(self, job: dict[str, Any]) -> bool:
-        seq = job["seq"] + 1
         with self.engine.begin() as conn:
-            ok = db.compare_and_set(
-                conn, job["id"], expected_state=job["state"], expected_seq=job["seq"],
-                target=State.STOPPED,
-                values={"seq": seq, "outcome": Outcome.CANCELLED, "requested_state": None,
-                        "hold_reason": None})
-            if ok:
-                insert_event(conn, job_id=job["id"], seq=seq, state=State.STOPPED,
-                             outcome=Outcome.CANCELLED, attempt=job["attempts"])
-        return ok
+            return jobstore.move(
+                conn, job, State.STOPPED, seq=job["seq"] + 1,
+                values={"outcome": Outcome.CANCELLED, "requested_state": None,
+                        "hold_reason": None},
+                event={"outcome": Outcome.CANCELLED, "attempt": job["attempts"]},
+            ) is not None
 
     def _set_requested(self, job: dict[str, Any], requested: str | None) -> bool:
         """Record a pending request if the job is still as read (same state and seq)."""
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(db.jobs)
-                .where(db.jobs.c.id == job["id"], db.jobs.c.state == job["state"],
-                       db.jobs.c.seq == job["seq"])
-                .values(requested_state=requested, updated_at=time.time()))
-        return result.rowcount == 1
+            return jobstore.set_requested(conn, job, requested)
 
     # -- events -----------------------------------------------------------------
     def apply_event(self, event: LifecycleEvent) -> bool:
@@ -229,10 +215,7 @@ class Registry:
                 log.warning("job %s: event %s → %s is not reachable; dropped",
                             event.job_id, state, target)
                 return False
-            values: dict[str, Any] = {
-                "seq": event.seq,
-                "attempts": max(job["attempts"] or 0, event.attempt),
-            }
+            values: dict[str, Any] = {"attempts": max(job["attempts"] or 0, event.attempt)}
             if event.worker is not None:
                 values["worker"] = event.worker
             for field in ("outcome", "exit_code", "error"):
@@ -245,13 +228,10 @@ class Registry:
             values.update(timestamps_for(job, state, target, event.at))
             values.update(event_measures(event))
             with self.engine.begin() as conn:
-                if db.compare_and_set(conn, event.job_id, expected_state=state,
-                                      expected_seq=job["seq"], target=target, values=values,
-                                      reach=True):
-                    insert_event(conn, job_id=event.job_id, seq=event.seq, state=target,
-                                 outcome=event.outcome, exit_code=event.exit_code,
-                                 error=event.error, attempt=event.attempt,
-                                 worker=event.worker, at=event.at)
+                if jobstore.move(conn, job, target, seq=event.seq, values=values, reach=True,
+                                 event={"outcome": event.outcome, "exit_code": event.exit_code,
+                                        "error": event.error, "attempt": event.attempt,
+                                        "worker": event.worker, "at": event.at}) is not None:
                     return True
         log.error("job %s: gave up applying event seq %s after repeated races",
                   event.job_id, event.seq)

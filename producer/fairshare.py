@@ -21,7 +21,7 @@ import logging
 
 from sqlalchemy import Connection, Engine, func, select, update
 
-from labq.shared import db
+from labq.shared import db, jobstore
 from labq.shared.errors import TooManyRequestsError
 from labq.shared.lifecycle import State
 from labq.shared.settings import Settings
@@ -107,8 +107,7 @@ def release_owner(engine: Engine, owner: str, settings: Settings) -> list[str]:
                  .order_by(j.c.created_at, j.c.id))
         ids = [r.id for r in conn.execute(query if room is None else query.limit(room))]
         if ids:
-            conn.execute(update(j).where(j.c.id.in_(ids), j.c.state == State.CREATED)
-                         .values(hold_reason=None))
+            jobstore.release_held(conn, ids)
     for job_id in ids:
         log.info("fair share: job %s of %s released", job_id, owner)
     return ids

@@ -16,7 +16,7 @@ import time
 from sqlalchemy import Engine, select
 
 from labq.producer import fairshare
-from labq.producer.jobs import publish_job
+from labq.producer.jobs import publish_job_id
 from labq.producer.publisher import Publisher
 from labq.shared import db
 from labq.shared.errors import BrokerUnavailableError
@@ -58,7 +58,7 @@ class OutboxRelay(threading.Thread):
         fairshare.release_held(self.engine, self.settings)
         queued = 0
         for job_id in self.pending():
-            if publish_job(self.engine, self.publisher, job_id):
+            if publish_job_id(self.engine, self.publisher, job_id):
                 queued += 1
                 log.info("outbox: job %s published and queued", job_id)
         return queued

@@ -1,4 +1,5 @@
-"""The database: tables, engine, and the one compare-and-set that changes a job's state.
+"""The database: tables and engine (the writes to ``jobs`` and ``events`` are in
+:mod:`shared.jobstore`).
 
 SQLAlchemy Core over SQLite (default, WAL mode) or PostgreSQL (``LABQ_DATABASE_URL``).
 Tables:
@@ -12,16 +13,11 @@ Tables:
   (only the sha256 of a token is stored); ``login_failures`` — recent wrong passwords,
   for rate limiting across backend processes.
 
-Only :func:`compare_and_set` changes a job's ``state``: it updates the row only if the
-state and ``seq`` are still what the caller read, and consults :mod:`shared.lifecycle`
-first, so two concurrent writers can never lose an update or make an illegal move.
 The backend owns the database; workers never touch it.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -39,7 +35,6 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    update,
 )
 
 from labq.shared import lifecycle
@@ -168,39 +163,3 @@ def make_engine(settings: Settings) -> Engine:
 
     migrations.upgrade(engine)
     return engine
-
-
-def compare_and_set(
-    conn: Any,
-    job_id: str,
-    *,
-    expected_state: str,
-    expected_seq: int,
-    target: str,
-    values: Mapping[str, Any] | None = None,
-    reach: bool = False,
-) -> bool:
-    """Move a job from ``expected_state`` to ``target`` if nobody changed it meanwhile.
-
-    ``reach=False`` demands one allowed step; ``reach=True`` accepts any state reachable
-    from the expected one (events that skipped a step). Staying in the same state is
-    allowed (e.g. a newer event with more detail). Returns False when the row changed
-    under us (the caller re-reads and decides again); raises ConflictError for an
-    illegal move.
-    """
-    if target != expected_state:
-        if reach:
-            if not lifecycle.can_reach(expected_state, target):
-                lifecycle.check_transition(expected_state, target)
-        else:
-            lifecycle.check_transition(expected_state, target)
-    now = time.time()
-    changes: dict[str, Any] = {"state": target, "updated_at": now, **(values or {})}
-    if target != expected_state:
-        changes.setdefault(STATE_TIMESTAMPS[lifecycle.State(target)], now)
-    result = conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state == expected_state, jobs.c.seq == expected_seq)
-        .values(**changes)
-    )
-    return result.rowcount == 1

@@ -10,18 +10,16 @@ from flask import Blueprint, Response, jsonify, request
 
 from labq.backend import search
 from labq.backend.auth import current_identity
-from labq.backend.groups import create_sweep, group_summary, notify_url_of
+from labq.backend.groups import create_sweep, group_summary, notify_url_of, publish_quietly
 from labq.backend.jobfields import jobs_json
 from labq.backend.registry import DEFAULT_LIMIT, MAX_LIMIT, job_to_json
 from labq.backend.scope import owner_filter, visible_job
 from labq.backend.services import services
 from labq.backend.uploads import StagedUpload
-from labq.producer.jobs import publish_job
 from labq.shared import sweep
 from labq.shared.bundle import clean_name, inspect_bundle
 from labq.shared.errors import (
     BadRequestError,
-    BrokerUnavailableError,
     BundleTooLargeError,
     ManifestError,
 )
@@ -95,13 +93,9 @@ def submit_job() -> tuple[Response, int]:
         log.info("job %s (%s) of %s accepted and held: %s", job["id"], job["name"], owner,
                  job["hold_reason"])
         return _job_response(job, 201)
-    try:
-        publish_job(svc.engine, svc.publisher, job["id"])
-    except BrokerUnavailableError as exc:
-        # Accepted all the same: the outbox relay publishes it when the broker is back.
-        log.warning("job %s stays created for now: %s", job["id"], exc.message)
+    job = publish_quietly(svc, job)
     log.info("job %s (%s) accepted, %d bytes", job["id"], job["name"], staged.size)
-    return _job_response(svc.registry.get(job["id"]), 201)
+    return _job_response(job, 201)
 
 
 def _group_response(svc: Any, info: Any, spec: Any, combos: list[dict[str, str]],
@@ -111,7 +105,7 @@ def _group_response(svc: Any, info: Any, spec: Any, combos: list[dict[str, str]]
     members, created = create_sweep(svc, info, spec, combos, bundle_sha256=staged.sha256,
                                     bundle_bytes=staged.size, notify_url=notify_url,
                                     idempotency_key=key, owner=current_identity().name)
-    first = svc.registry.get(members[0]["id"])
+    first = members[0]
     resp, status = _job_response(first, 201 if created else 200)
     body = resp.get_json()
     group_id = first["group_id"]

@@ -16,7 +16,7 @@ from sqlalchemy import update
 
 from labq.backend.registry import Registry
 from labq.producer.control import WorkerUnreachableError, send_control
-from labq.producer.jobs import publish_job
+from labq.producer.jobs import publish_job_id
 from labq.producer.outbox import OutboxRelay
 from labq.producer.publisher import Publisher
 from labq.shared import db
@@ -55,15 +55,15 @@ def test_publish_job_confirms_then_queues(settings):
     try:
         job, _ = registry.create(name="p", spec=JobSpec("code.py", args=["-v"]),
                                  bundle_sha256="c" * 64, bundle_bytes=3)
-        assert publish_job(engine, publisher, job["id"])
+        assert publish_job_id(engine, publisher, job["id"])
         assert registry.get(job["id"])["state"] == "queued"
-        assert not publish_job(engine, publisher, job["id"])  # not created any more
+        assert not publish_job_id(engine, publisher, job["id"])  # not created any more
         conn = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
         method, props, body = conn.channel().basic_get(Topology(settings.prefix).jobs_queue,
                                                        auto_ack=True)
         conn.close()
         message = JobMessage.decode(body)
-        assert (message.job_id, message.args, props.delivery_mode) == (job["id"], ["-v"], 2)
+        assert (message.job_id, message.spec.args, props.delivery_mode) == (job["id"], ["-v"], 2)
     finally:
         publisher.close()
         engine.dispose()
