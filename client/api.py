@@ -17,168 +17,27 @@ server's own ``{"error": {"message"}}`` when it answered, or what to do when it 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import uuid
-import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import requests
 import urllib3
 
+from labq.client.bundles import bundle_file
 from labq.client.credentials import find_token
+from labq.client.errors import ClientError
+from labq.client.multipart import MultipartBody, ProgressFn
+from labq.client.sse import iter_sse
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 #: States after which nothing more happens to a job.
 TERMINAL_STATES = frozenset({"stopped", "failed"})
-#: Folders never worth uploading: environments, caches, version control.
-SKIP_DIRS = frozenset({".venv", "venv", "__pycache__", ".git", ".hg", ".svn", ".mypy_cache",
-                       ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints", "node_modules"})
-SKIP_FILES = frozenset({".DS_Store", "Thumbs.db"})
 _CHUNK = 256 * 1024
 
-ProgressFn = Callable[[int, int], None]
-
-
-class ClientError(Exception):
-    """Any failure talking to labq; ``str(exc)`` is one line meant for a person."""
-
-    def __init__(self, message: str, status: int | None = None, code: str | None = None,
-                 details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.code = code
-        self.details = details or {}
-
-
-# -- bundles ---------------------------------------------------------------------
-
-
-def zip_project(folder: Path | str, dest: Path | str) -> int:
-    """Zip ``folder`` into ``dest`` under one top folder named like it; return file count.
-
-    Skips virtual environments, caches and version control (``.venv``, ``__pycache__``,
-    ``.git``, ...) and symbolic links (the server refuses them). Empty folders such as
-    ``output/`` are kept, so the job finds them.
-    """
-    folder = Path(folder).resolve()
-    if not folder.is_dir():
-        raise ClientError(f"{folder} is not a folder")
-    top = folder.name or "project"
-    count = 0
-    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for current, dirs, files in os.walk(folder):
-            here = Path(current)
-            dirs[:] = sorted(d for d in dirs
-                             if d not in SKIP_DIRS and not (here / d).is_symlink())
-            rel_dir = here.relative_to(folder)
-            kept = [name for name in sorted(files)
-                    if name not in SKIP_FILES and not name.endswith((".pyc", ".pyo"))
-                    and not (here / name).is_symlink()]
-            # A folder left empty (or holding only skipped files) is kept as an entry.
-            if not kept and not dirs and rel_dir != Path("."):
-                zf.writestr(f"{top}/{rel_dir.as_posix()}/", b"")
-            for name in kept:
-                path = here / name
-                zf.write(path, f"{top}/{path.relative_to(folder).as_posix()}")
-                count += 1
-    if count == 0:
-        raise ClientError(f"{folder} has no files to send")
-    return count
-
-
-@contextmanager
-def bundle_file(path: Path | str) -> Iterator[Path]:
-    """The zip to upload for ``path``: the zip itself, or a temporary zip of a folder."""
-    path = Path(path)
-    if path.is_dir():
-        fd, name = tempfile.mkstemp(prefix=f"labq-{path.resolve().name}-", suffix=".zip")
-        os.close(fd)
-        tmp = Path(name)
-        try:
-            zip_project(path, tmp)
-            yield tmp
-        finally:
-            tmp.unlink(missing_ok=True)
-    elif path.is_file():
-        if not zipfile.is_zipfile(path):
-            raise ClientError(f"{path} is not a zip file; give a .zip or a project folder")
-        yield path
-    else:
-        raise ClientError(f"{path} does not exist")
-
-
-def safe_extract(zip_path: Path | str, dest: Path | str) -> list[Path]:
-    """Unpack a results zip into ``dest``, refusing paths that would land outside it."""
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
-    written: list[Path] = []
-    with zipfile.ZipFile(zip_path) as zf:
-        for info in zf.infolist():
-            parts = [p for p in PurePosixPath(info.filename.replace("\\", "/")).parts
-                     if p not in ("", ".", "/")]
-            if not parts or ".." in parts or info.filename.startswith("/"):
-                if info.is_dir() or not parts:
-                    continue
-                raise ClientError(f"the results contain an unsafe path {info.filename!r}")
-            target = root.joinpath(*parts)
-            if not target.resolve().is_relative_to(root):
-                raise ClientError(f"the results contain an unsafe path {info.filename!r}")
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    out.write(chunk)
-            written.append(target)
-    return written
-
-
-class _MultipartBody:
-    """A multipart/form-data body streamed from disk, reporting upload progress."""
-
-    def __init__(self, fields: dict[str, str], file_field: str, file_path: Path,
-                 filename: str, progress: ProgressFn | None = None) -> None:
-        self.boundary = f"labq-{uuid.uuid4().hex}"
-        head = b""
-        for key, value in fields.items():
-            head += (f"--{self.boundary}\r\nContent-Disposition: form-data; "
-                     f'name="{key}"\r\n\r\n{value}\r\n').encode()
-        head += (f"--{self.boundary}\r\nContent-Disposition: form-data; "
-                 f'name="{file_field}"; filename="{filename}"\r\n'
-                 "Content-Type: application/zip\r\n\r\n").encode()
-        self._head = head
-        self._tail = f"\r\n--{self.boundary}--\r\n".encode()
-        self._file_size = file_path.stat().st_size
-        self._file: IO[bytes] = open(file_path, "rb")  # noqa: SIM115 - closed in close()
-        self._progress = progress
-        self.sent = 0
-        self.length = len(head) + self._file_size + len(self._tail)
-
-    @property
-    def content_type(self) -> str:
-        return f"multipart/form-data; boundary={self.boundary}"
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield self._head
-        while chunk := self._file.read(_CHUNK):
-            self.sent += len(chunk)
-            if self._progress:
-                self._progress(self.sent, self._file_size)
-            yield chunk
-        yield self._tail
-
-    def close(self) -> None:
-        self._file.close()
+__all__ = ["DEFAULT_URL", "TERMINAL_STATES", "Client", "ClientError"]
 
 
 # -- the client ------------------------------------------------------------------
@@ -268,7 +127,7 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         with bundle_file(path) as zip_path:
             filename = f"{Path(path).resolve().name.removesuffix('.zip')}.zip"
-            body = _MultipartBody(form, "bundle", zip_path, filename, progress)
+            body = MultipartBody(form, "bundle", zip_path, filename, progress)
             headers["Content-Type"] = body.content_type
             try:
                 # A sized iterable: requests sends Content-Length (not chunked) and streams
@@ -439,45 +298,6 @@ class Client:
 
     def result_files(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/v1/jobs/{job_id}/results/files")
-
-
-def _raw_chunks(resp: requests.Response) -> Iterator[bytes]:
-    """Bytes as soon as they arrive (``read1``), not when a fixed-size buffer fills."""
-    raw = resp.raw
-    if hasattr(raw, "read1"):
-        while chunk := raw.read1(_CHUNK):
-            yield chunk
-    else:  # older urllib3
-        yield from resp.iter_content(1)
-
-
-def iter_sse(resp: requests.Response) -> Iterator[tuple[str, str, str | None]]:
-    """Parse a text/event-stream response into (event, data, last event id) triples
-    (WHATWG rules: the last id seen stays in force until another one comes)."""
-    event, data_lines, last_id = "message", [], None
-    buffer = b""
-    for chunk in _raw_chunks(resp):
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            line = raw.removesuffix(b"\r").decode("utf-8", errors="replace")
-            if line == "":
-                if data_lines or event != "message":
-                    yield event, "\n".join(data_lines), last_id
-                event, data_lines = "message", []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value or "message"
-            elif name == "data":
-                data_lines.append(value)
-            elif name == "id" and "\0" not in value:
-                last_id = value
-    if data_lines:
-        yield event, "\n".join(data_lines), last_id
 
 
 def _error_from(resp: requests.Response) -> ClientError:

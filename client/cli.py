@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from labq.client.api import TERMINAL_STATES, Client, ClientError, safe_extract
+from labq.client.api import TERMINAL_STATES, Client, ClientError
+from labq.client.bundles import safe_extract
 
 if TYPE_CHECKING:
     from labq.shared.settings import Settings

@@ -11,10 +11,10 @@ import os
 import shutil
 import tempfile
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from labq.client import safezip
 from labq.shared.bundle import zip_folder
-from labq.shared.errors import BundleError
 from labq.shared.storage import Storage
 
 
@@ -39,16 +39,7 @@ def unpack_results(zip_path: Path, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".results-"))
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            for info in zf.infolist():
-                parts = [p for p in PurePosixPath(info.filename).parts if p not in ("", ".")]
-                if not parts or info.is_dir():
-                    continue
-                if ".." in parts or info.filename.startswith("/"):
-                    raise BundleError(f"unsafe path in results: {info.filename!r}")
-                target = tmp.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1024 * 1024)
+            safezip.extract(zf, tmp)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}-old-{os.getpid()}")

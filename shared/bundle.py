@@ -15,13 +15,14 @@ a zip's headers can lie.
 from __future__ import annotations
 
 import re
-import stat
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from labq.client import safezip
+from labq.client.safezip import Member
 from labq.shared.errors import (
     BundleError,
     BundleTooLargeError,
@@ -71,69 +72,26 @@ def clean_name(raw: str) -> str:
     return name or "job"
 
 
-def _member_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
-    """The member's safe relative path, None for junk, or BundleError for a bad one."""
-    raw = info.filename.replace("\\", "/")
-    if _JUNK.search(raw):
-        return None
-    if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
-        raise BundleError(
-            f"the zip contains an absolute path ({info.filename!r}); "
-            "zip the project folder itself, with relative paths"
-        )
-    parts = [p for p in raw.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise BundleError(
-            f"the zip contains a path that climbs out of the project ({info.filename!r})"
-        )
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        raise BundleError(
-            f"the zip contains a symbolic link ({info.filename!r}); replace it by the real file"
-        )
-    if not parts:
-        return None
-    return PurePosixPath(*parts)
-
-
-def _members(
-    zf: zipfile.ZipFile, limits: BundleLimits
-) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
-    members: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
-    files: set[PurePosixPath] = set()
-    folders: set[PurePosixPath] = set()
-    total = 0
-    for info in zf.infolist():
-        path = _member_path(info)
-        if path is None:
-            continue
-        if info.is_dir():
-            continue
-        if path in folders or any(parent in files for parent in path.parents):
-            raise BundleError(
-                f"{info.filename!r} is both a file and a folder in the zip; rename one of them"
-            )
-        files.add(path)
-        folders.update(path.parents)
-        members.append((info, path))
-        if len(members) > limits.max_files:
-            raise BundleTooLargeError(
-                f"the bundle holds more than {limits.max_files} files; "
-                "leave data sets out or pack them into fewer files"
-            )
-        total += info.file_size
-        if total > limits.max_unpacked_bytes:
-            raise BundleTooLargeError(
-                f"the bundle unpacks to more than {limits.max_unpacked_bytes // (1024 * 1024)} MiB"
-            )
-        if (
-            info.file_size > _CHUNK
-            and info.file_size > limits.max_ratio * max(info.compress_size, 1)
-        ):
+def _members(zf: zipfile.ZipFile, limits: BundleLimits) -> list[Member]:
+    """The bundle's files (archiver junk left out), within the limits, or BundleError."""
+    try:
+        members = safezip.file_members(
+            i for i in zf.infolist() if not _JUNK.search(i.filename.replace("\\", "/")))
+    except safezip.UnsafeZipError as exc:
+        raise BundleError(str(exc)) from exc
+    if len(members) > limits.max_files:
+        raise BundleTooLargeError(
+            f"the bundle holds more than {limits.max_files} files; "
+            "leave data sets out or pack them into fewer files")
+    if sum(i.file_size for i, _ in members) > limits.max_unpacked_bytes:
+        raise BundleTooLargeError(
+            f"the bundle unpacks to more than {limits.max_unpacked_bytes // (1024 * 1024)} MiB")
+    for info, _ in members:
+        if info.file_size > _CHUNK and info.file_size > limits.max_ratio * max(
+                info.compress_size, 1):
             raise BundleTooLargeError(
                 f"{info.filename!r} expands {info.file_size // max(info.compress_size, 1)}x "
-                "when unpacked, which looks like a zip bomb"
-            )
+                "when unpacked, which looks like a zip bomb")
     return members
 
 
@@ -161,62 +119,19 @@ def inspect_bundle(
     overrides: dict[str, Any] | None = None,
 ) -> tuple[BundleInfo, JobSpec]:
     """Validate the zip at ``path``; return what it holds and the resolved job spec."""
-    limits = BundleLimits.from_settings(settings)
     with _open(path) as zf:
-        members = _members(zf, limits)
+        members = _members(zf, BundleLimits.from_settings(settings))
         if not members:
             raise MissingEntrypointError("the zip is empty; put code.py in it")
         paths = {p for _, p in members}
         root = _find_root(list(paths))
         prefix = PurePosixPath(root) if root else PurePosixPath()
-        manifest: dict[str, Any] = {}
-        manifest_path = prefix / MANIFEST_NAME
-        try:
-            if manifest_path in paths:
-                info = next(i for i, p in members if p == manifest_path)
-                if info.file_size > 64 * 1024:
-                    raise ManifestError("labq.toml is larger than 64 KiB", field="labq.toml")
-                manifest = parse_manifest(zf.read(info))
-            check_bundle_requirements(
-                lambda rel: zf.read(next(i for i, p in members if p == prefix / rel)),
-                [p.relative_to(prefix) for p in paths])
-            if zf.testzip() is not None:
-                raise BundleError("the zip is damaged (a file fails its checksum); zip it again")
-        except RuntimeError as exc:  # zipfile's word for "encrypted"
-            raise BundleError(
-                "the zip is password-protected; zip it again without a password"
-            ) from exc
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as exc:
-            raise BundleError(f"the zip cannot be read ({exc}); zip it again") from exc
+        manifest = _read_and_check(zf, members, prefix)
     data = {**manifest, **(overrides or {})}
-    entrypoint = data.get("entrypoint")
-    if entrypoint is not None:
-        if not isinstance(entrypoint, str) or not entrypoint.strip():
-            raise ManifestError(
-                "entrypoint must be a file name such as \"train.py\"", field="entrypoint"
-            )
-        ep = PurePosixPath(entrypoint)
-        if ep.is_absolute() or ".." in ep.parts or (prefix / ep) not in paths:
-            raise MissingEntrypointError(
-                f"the entrypoint {entrypoint!r} named in labq.toml is not in the bundle"
-                + (f" (looked for {root}/{entrypoint})" if root else ""),
-                field="entrypoint",
-            )
-        entry = str(ep)
-    else:
-        found = [e for e in ENTRYPOINTS if (prefix / e) in paths]
-        if not found:
-            where = f"{root}/" if root else "the top of the zip"
-            raise MissingEntrypointError(
-                f"no code.py found in {where}: put your script there as code.py "
-                "(or main_script.py), or name it in labq.toml with entrypoint = \"...\""
-            )
-        entry = found[0]
+    entry = _entrypoint(data.get("entrypoint"), prefix, paths, root)
     raw_name = data.get("name") if isinstance(data.get("name"), str) else None
-    name = clean_name(raw_name or root or fallback_name)
-    spec = resolve_spec(data, entry, settings)
     info = BundleInfo(
-        name=name,
+        name=clean_name(raw_name or root or fallback_name),
         root=root,
         entrypoint=entry,
         has_requirements=(prefix / REQUIREMENTS) in paths,
@@ -224,7 +139,53 @@ def inspect_bundle(
         unpacked_bytes=sum(i.file_size for i, _ in members),
         manifest=manifest,
     )
-    return info, spec
+    return info, resolve_spec(data, entry, settings)
+
+
+def _read_and_check(zf: zipfile.ZipFile, members: list[Member],
+                    prefix: PurePosixPath) -> dict[str, Any]:
+    """labq.toml (parsed), requirements.txt checked, every member's checksum tested."""
+    by_path = {p: i for i, p in members}
+    manifest: dict[str, Any] = {}
+    try:
+        info = by_path.get(prefix / MANIFEST_NAME)
+        if info is not None:
+            if info.file_size > 64 * 1024:
+                raise ManifestError("labq.toml is larger than 64 KiB", field="labq.toml")
+            manifest = parse_manifest(zf.read(info))
+        check_bundle_requirements(lambda rel: zf.read(by_path[prefix / rel]),
+                                  [p.relative_to(prefix) for p in by_path])
+        if zf.testzip() is not None:
+            raise BundleError("the zip is damaged (a file fails its checksum); zip it again")
+    except RuntimeError as exc:  # zipfile's word for "encrypted"
+        raise BundleError("the zip is password-protected; zip it again without a password"
+                          ) from exc
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as exc:
+        raise BundleError(f"the zip cannot be read ({exc}); zip it again") from exc
+    return manifest
+
+
+def _entrypoint(named: Any, prefix: PurePosixPath, paths: set[PurePosixPath],
+                root: str) -> str:
+    """The script to run: the one labq.toml names, else code.py or main_script.py."""
+    if named is None:
+        found = [e for e in ENTRYPOINTS if (prefix / e) in paths]
+        if not found:
+            where = f"{root}/" if root else "the top of the zip"
+            raise MissingEntrypointError(
+                f"no code.py found in {where}: put your script there as code.py "
+                "(or main_script.py), or name it in labq.toml with entrypoint = \"...\"")
+        return found[0]
+    if not isinstance(named, str) or not named.strip():
+        raise ManifestError("entrypoint must be a file name such as \"train.py\"",
+                            field="entrypoint")
+    ep = PurePosixPath(named)
+    if ep.is_absolute() or ".." in ep.parts or (prefix / ep) not in paths:
+        raise MissingEntrypointError(
+            f"the entrypoint {named!r} named in labq.toml is not in the bundle"
+            + (f" (looked for {root}/{named})" if root else ""),
+            field="entrypoint")
+    return str(ep)
 
 
 def extract_bundle(path: Path, dest: Path, limits: BundleLimits) -> Path:
@@ -234,26 +195,17 @@ def extract_bundle(path: Path, dest: Path, limits: BundleLimits) -> Path:
     bytes really written, so a lying header cannot fill the disk.
     """
     dest.mkdir(parents=True)
-    written = 0
     with _open(path) as zf:
         members = _members(zf, limits)
         root = _find_root([p for _, p in members])
-        for info, rel in members:
-            if root:
-                rel = PurePosixPath(*rel.parts[1:])
-            target = dest.joinpath(*rel.parts)
-            # Belt and braces: the resolved target must stay inside dest.
-            if not target.resolve().is_relative_to(dest.resolve()):
-                raise BundleError(f"{info.filename!r} would be written outside the project")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    written += len(chunk)
-                    if written > limits.max_unpacked_bytes:
-                        raise BundleTooLargeError("the bundle unpacks to more than allowed")
-                    out.write(chunk)
-            mode = (info.external_attr >> 16) & 0o777
-            target.chmod(0o755 if mode & 0o111 else 0o644)
+        if root:
+            members = [(i, PurePosixPath(*p.parts[1:])) for i, p in members]
+        try:
+            safezip.extract(zf, dest, members, max_bytes=limits.max_unpacked_bytes)
+        except safezip.ZipTooLargeError as exc:
+            raise BundleTooLargeError("the bundle unpacks to more than allowed") from exc
+        except safezip.UnsafeZipError as exc:
+            raise BundleError(str(exc)) from exc
     return dest
 
 

@@ -10,6 +10,8 @@ import pytest
 import requests
 from helpers import LabqSystem, make_zip, wait_until
 
+from labq.client.sse import iter_sse
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 QUICK = {"code.py": "import pathlib\npathlib.Path('output').mkdir(exist_ok=True)\n"
@@ -114,9 +116,9 @@ def _read_events(system: LabqSystem, session: requests.Session, seen: list[dict]
                  stop: threading.Event) -> None:
     with session.get(system.api("/api/v1/events"), stream=True, timeout=60,
                      headers={"Last-Event-ID": "0"}) as resp:
-        for line in resp.iter_lines(decode_unicode=True):
-            if line and line.startswith("data: "):
-                seen.append(json.loads(line[6:]))
+        for _event, data, _last_id in iter_sse(resp):
+            if data:
+                seen.append(json.loads(data))
             if stop.is_set():
                 return
 

@@ -17,6 +17,7 @@ import pytest
 import requests
 from helpers import LabqSystem, make_zip, wait_until
 
+from labq.client.sse import iter_sse
 from labq.shared.messages import LifecycleEvent, event_seq
 from labq.shared.topology import PERSISTENT, Topology
 
@@ -208,18 +209,10 @@ def publish_event(system: LabqSystem, event: LifecycleEvent) -> None:
 
 
 def read_sse(resp: requests.Response, into: list, stop_when) -> None:
-    event, data = "message", []
-    for raw in resp.iter_lines(decode_unicode=True):
-        if raw == "":
-            if data or event != "message":
-                into.append((event, "\n".join(data)))
-                if stop_when(event, data):
-                    return
-            event, data = "message", []
-        elif raw.startswith("event:"):
-            event = raw[6:].strip()
-        elif raw.startswith("data:"):
-            data.append(raw[5:].removeprefix(" "))
+    for event, data, _last_id in iter_sse(resp):
+        into.append((event, data))
+        if stop_when(event, data):
+            return
 
 
 def test_events_applied_streamed_in_order_and_log_followed(api):
@@ -228,7 +221,7 @@ def test_events_applied_streamed_in_order_and_log_followed(api):
     received: list = []
     stream = api.http.get(api.api("/api/v1/events"), stream=True, timeout=30)
     reader = threading.Thread(target=read_sse, args=(
-        stream, received, lambda e, d: e == "lifecycle" and '"stopped"' in "".join(d)))
+        stream, received, lambda e, d: e == "lifecycle" and '"stopped"' in d))
     reader.start()
     log_path = api.data_dir / "jobs" / job_id / "log.txt"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,8 +261,8 @@ def test_events_applied_streamed_in_order_and_log_followed(api):
     first_id = api.http.get(api.api("/api/v1/events"), stream=True, timeout=10,
                             headers={"Last-Event-ID": "0"})
     replay: list = []
-    read_sse(first_id, replay, lambda e, d: e == "lifecycle" and job_id in "".join(d)
-             and '"stopped"' in "".join(d))
+    read_sse(first_id, replay, lambda e, d: e == "lifecycle" and job_id in d
+             and '"stopped"' in d)
     first_id.close()
     assert any(job_id in d for _, d in replay)
 

@@ -13,9 +13,11 @@ import requests
 from click.testing import CliRunner
 
 from labq.client import api
-from labq.client.api import ClientError, bundle_file, iter_sse, safe_extract, zip_project
 from labq.client.broker import BrokerError, ensure_broker, is_local_url, mask_url
+from labq.client.bundles import bundle_file, safe_extract, zip_project
 from labq.client.cli import main
+from labq.client.errors import ClientError
+from labq.client.sse import iter_sse
 from labq.shared.bundle import inspect_bundle
 from labq.shared.settings import Settings
 
