@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -131,8 +130,8 @@ def test_up_runs_jobs_restarts_a_dead_worker_and_stops_cleanly(broker, tmp_path)
 
         up.proc.send_signal(signal.SIGTERM)
         assert up.proc.wait(timeout=60) == 0, up.output
-        time.sleep(0.2)
-        assert not [k for k in kids if pid_alive(k)], up.output
+        wait_until(lambda: not [k for k in kids if pid_alive(k)], timeout=10,
+                   message=f"the services to be gone\n{up.output}")
     finally:
         up.close()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pika
 import pytest
 from helpers import wait_until
@@ -48,11 +46,13 @@ def test_pause_resume_stop_and_status_events(workers):
     wait_until(lambda: statuses(), timeout=5, message="a status event")
     control(workers, job.job_id, "pause")
     wait_until(lambda: workers.states(job.job_id)[-1] == "paused", timeout=10, message="paused")
-    time.sleep(1.2)
-    statuses()
-    time.sleep(2.2)
-    while_paused = [s for s in statuses() if s.state == "paused"]
-    assert len(while_paused) >= 2
+    while_paused: list[StatusEvent] = []
+
+    def paused_ticks() -> bool:
+        while_paused.extend(s for s in statuses() if s.state == "paused")
+        return len(while_paused) >= 3
+
+    wait_until(paused_ticks, timeout=15, message="status ticks while paused")
     assert while_paused[0].elapsed_s == while_paused[-1].elapsed_s  # pauses don't count
     control(workers, job.job_id, "resume")
     wait_until(lambda: workers.states(job.job_id)[-1] == "started", timeout=10, message="resumed")
@@ -61,7 +61,13 @@ def test_pause_resume_stop_and_status_events(workers):
     assert (final.state, final.outcome) == ("stopped", "cancelled")
     assert workers.states(job.job_id) == ["initialized", "started", "paused", "started",
                                           "stopped"]
-    # The worker unbound the job's control key: a new control message is unroutable.
-    time.sleep(0.5)
-    with pytest.raises(pika.exceptions.UnroutableError):
-        control(workers, job.job_id, "pause")
+    # The worker unbinds the job's control key once it settled the delivery (just after
+    # the final event): from then on a control message is unroutable.
+    def unroutable() -> bool:
+        try:
+            control(workers, job.job_id, "pause")
+        except pika.exceptions.UnroutableError:
+            return True
+        return False
+
+    wait_until(unroutable, timeout=10, message="the control key to be unbound")

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from labq.process_unit import proctree
 from labq.process_unit.control import Control
@@ -106,18 +107,27 @@ def test_pause_resume_stop_through_control(tmp_path):
         ("final", "events", "outcome", "storage", "job"), run(tmp_path, {"code.py": script},
                                                              control), strict=True)))
     thread.start()
-    deadline = time.monotonic() + 20
-    while (control.status is None or control.status.state != "started") and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
+
+    def status_is(state: str) -> bool:
+        return control.status is not None and control.status.state == state
+
+    def refreshed_twice() -> bool:
+        # The job thread publishes a new Status object on every supervision round; `seen`
+        # keeps each one alive, so distinct ids are distinct rounds.
+        if not seen or seen[-1] is not control.status:
+            seen.append(control.status)
+        return len(seen) >= 3
+
+    wait_until(lambda: status_is("started") and control.status.elapsed_s > 0.3, timeout=20,
+               message="the script to run")
     control.request("pause")
-    time.sleep(0.5)
+    wait_until(lambda: status_is("paused"), timeout=10, message="the pause")
     paused_at = control.status.elapsed_s
-    time.sleep(0.6)
-    assert control.status.state == "paused" and control.status.elapsed_s == paused_at
+    seen: list = []
+    wait_until(refreshed_twice, timeout=10, interval=0.05, message="status rounds while paused")
+    assert status_is("paused") and control.status.elapsed_s == paused_at  # pauses don't count
     control.request("resume")
-    time.sleep(0.5)
+    wait_until(lambda: status_is("started"), timeout=10, message="the resume")
     control.request("stop")
     thread.join(20)
     states = [s for s, _ in result["events"]]
