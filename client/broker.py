@@ -29,7 +29,10 @@ class BrokerError(Exception):
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print)."""
+    """The URL with its password replaced by ``***`` (safe to print); a comma-separated
+    list of a cluster's node URLs is masked node by node."""
+    if "," in url:
+        return ",".join(mask_url(one.strip()) for one in url.split(","))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -43,6 +46,8 @@ def mask_url(url: str) -> str:
 
 def is_local_url(url: str) -> bool:
     """True when the AMQP URL names this machine (so labq may start a broker for it)."""
+    if "," in url:  # a cluster's nodes: never started by labq
+        return False
     try:
         host = urlsplit(url).hostname or ""
     except ValueError:
@@ -51,7 +56,11 @@ def is_local_url(url: str) -> bool:
 
 
 def broker_reachable(url: str, timeout_s: float = 3.0) -> bool:
-    """True when an AMQP connection to ``url`` opens (credentials and vhost included)."""
+    """True when an AMQP connection to ``url`` opens (credentials and vhost included);
+    for a cluster's comma-separated node URLs, when one node answers."""
+    if "," in url:
+        return any(broker_reachable(one.strip(), timeout_s) for one in url.split(",")
+                   if one.strip())
     try:
         params = pika.URLParameters(url)
     except Exception:  # noqa: BLE001 - a malformed URL is "not reachable", said by the caller

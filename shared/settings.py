@@ -22,8 +22,12 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Settings:
-    #: AMQP URL of the RabbitMQ broker.
+    #: AMQP URL of the RabbitMQ broker; several comma-separated URLs name the nodes of a
+    #: cluster (each connection tries them in a shuffled order, so load spreads).
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    #: Type of labq's durable queues: ``classic`` (one node) or ``quorum`` (replicated
+    #: over a cluster, survives a node's loss). Fixed once the queues exist.
+    queue_type: str = "classic"
     #: SQLAlchemy URL; empty means SQLite at ``<data_dir>/labq.db``.
     database_url: str = ""
     #: The shared volume: bundles, logs, results, environments.
@@ -144,6 +148,10 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(Path(self.data_dir) / 'labq.db').resolve()}"
+
+    @property
+    def rabbitmq_urls(self) -> list[str]:
+        return [u.strip() for u in self.rabbitmq_url.split(",") if u.strip()]
 
     @property
     def resolved_work_dir(self) -> Path:

@@ -16,10 +16,12 @@ what it uses at every (re)connect, in any start order.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 
 import pika
 
+from labq.shared.errors import ConfigError
 from labq.shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,11 +33,26 @@ JOB_ROUTING_KEY = "job"
 #: labq does not rely on it (see consumer/ for the run lock that makes long jobs safe),
 #: it only spares a needless redelivery of jobs that run for days.
 CONSUMER_TIMEOUT_MS = 30 * 24 * 3600 * 1000
+QUEUE_TYPES = ("classic", "quorum")
 
 
 @dataclass(frozen=True)
 class Topology:
     prefix: str
+    #: ``classic`` or ``quorum`` for the durable queues (jobs, dead letters, backend
+    #: events). Per-connection queues (control, broadcasts) are always classic and
+    #: exclusive: they die with their connection, which is what they are for.
+    queue_type: str = "classic"
+
+    def __post_init__(self) -> None:
+        if self.queue_type not in QUEUE_TYPES:
+            raise ConfigError(f"LABQ_QUEUE_TYPE={self.queue_type!r}: use classic or quorum")
+
+    def _durable_arguments(self, **extra: object) -> dict:
+        # A queue's type is fixed when it is first declared; declaring it again with
+        # another type fails with PRECONDITION_FAILED (the log says so at start-up).
+        args = {"x-queue-type": self.queue_type} if self.queue_type == "quorum" else {}
+        return {**args, **extra}
 
     @property
     def jobs_exchange(self) -> str:
@@ -67,22 +84,23 @@ class Topology:
 
     def declare_jobs(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
         channel.exchange_declare(self.dead_exchange, "fanout", durable=True)
-        channel.queue_declare(self.dead_queue, durable=True)
+        channel.queue_declare(self.dead_queue, durable=True, arguments=self._durable_arguments())
         channel.queue_bind(self.dead_queue, self.dead_exchange)
         channel.exchange_declare(self.jobs_exchange, "direct", durable=True)
         channel.queue_declare(
             self.jobs_queue,
             durable=True,
-            arguments={
+            arguments=self._durable_arguments(**{
                 "x-dead-letter-exchange": self.dead_exchange,
                 "x-consumer-timeout": CONSUMER_TIMEOUT_MS,
-            },
+            }),
         )
         channel.queue_bind(self.jobs_queue, self.jobs_exchange, JOB_ROUTING_KEY)
 
     def declare_events(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
         channel.exchange_declare(self.events_exchange, "topic", durable=True)
-        channel.queue_declare(self.events_queue, durable=True)
+        channel.queue_declare(self.events_queue, durable=True,
+                              arguments=self._durable_arguments())
         channel.queue_bind(self.events_queue, self.events_exchange, "*.lifecycle")
 
     def declare_control(self, channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
@@ -95,18 +113,28 @@ class Topology:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
-        return cls(settings.prefix)
+        return cls(settings.prefix, settings.queue_type.strip().lower() or "classic")
 
 
-def connection_parameters(settings: Settings, name: str) -> pika.URLParameters:
-    """Parameters for one connection: heartbeats on, fail fast (callers retry with backoff)."""
-    params = pika.URLParameters(settings.rabbitmq_url)
-    params.heartbeat = settings.heartbeat_s
-    params.blocked_connection_timeout = 60
-    params.connection_attempts = 1
-    params.socket_timeout = 5
-    params.client_properties = {"connection_name": name}
-    return params
+def connection_parameters(settings: Settings, name: str) -> list[pika.URLParameters]:
+    """Parameters for one connection, one per broker node: heartbeats on, fail fast
+    (callers retry with backoff). Several nodes are tried in a shuffled order so the
+    connections of many processes spread over a cluster and a stopped node is skipped."""
+    urls = settings.rabbitmq_urls
+    if not urls:
+        raise ConfigError("LABQ_RABBITMQ_URL is empty: give the broker's amqp:// URL")
+    if len(urls) > 1:
+        urls = random.sample(urls, len(urls))
+    out = []
+    for url in urls:
+        params = pika.URLParameters(url)
+        params.heartbeat = settings.heartbeat_s
+        params.blocked_connection_timeout = 60
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.client_properties = {"connection_name": name}
+        out.append(params)
+    return out
 
 
 def connect(settings: Settings, name: str) -> pika.BlockingConnection:
