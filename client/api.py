@@ -232,44 +232,49 @@ class Client:
         Uses the server-sent event stream; if that breaks or is not offered, goes on by
         polling ``?offset=`` so nothing is printed twice or skipped.
         """
-        received = offset
+        position = [offset]  # the byte offset reached, shared with the stream reader
+        ended = yield from self._stream_log(job_id, position)
+        if ended:
+            return
+        while True:  # polling fallback
+            done = self.job(job_id).get("state") in TERMINAL_STATES
+            text, size = self._log_or_empty(job_id, position[0])
+            if text:
+                yield text
+            position[0] = max(size, position[0] + len(text.encode("utf-8")))
+            if done:
+                return
+            time.sleep(poll_s)
+
+    def _stream_log(self, job_id: str, position: list[int]) -> Iterator[str]:
+        """Yield the log from the event stream; return True when the job ended, False
+        when the stream broke or is not offered (``position`` tells where to go on)."""
         try:
             resp = self._request(
-                "GET", f"/api/v1/jobs/{job_id}/log", params={"offset": offset},
+                "GET", f"/api/v1/jobs/{job_id}/log", params={"offset": position[0]},
                 headers={"Accept": "text/event-stream"}, stream=True, timeout=(10.0, 60.0))
         except ClientError as exc:
             if exc.status is None:
                 raise
             self.job(job_id)  # an unknown job is an error; anything else: poll instead
-            resp = None
-        if resp is not None and resp.headers.get("Content-Type", "").startswith(
-                "text/event-stream"):
-            try:
-                for event, data, last_id in iter_sse(resp):
-                    if event == "end":
-                        return
-                    if event in ("message", "log") and data:
-                        # The server's id is the byte offset reached; counting the text
-                        # ourselves would drift (it turns \r\n into \n, bad bytes into U+FFFD).
-                        received = int(last_id) if last_id and last_id.isdigit() else \
-                            received + len(data.encode("utf-8"))
-                        yield data
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
-                pass  # the stream broke: go on by polling from where we are
-            finally:
-                resp.close()
-        elif resp is not None:
+            return False
+        try:
+            if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return False
+            for event, data, last_id in iter_sse(resp):
+                if event == "end":
+                    return True
+                if event in ("message", "log") and data:
+                    # The server's id is the byte offset reached; counting the text
+                    # ourselves would drift (it turns \r\n into \n, bad bytes into U+FFFD).
+                    position[0] = int(last_id) if last_id and last_id.isdigit() else \
+                        position[0] + len(data.encode("utf-8"))
+                    yield data
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+            pass  # the stream broke: go on by polling from where we are
+        finally:
             resp.close()
-        # Polling fallback.
-        while True:
-            done = self.job(job_id).get("state") in TERMINAL_STATES
-            text, size = self._log_or_empty(job_id, received)
-            if text:
-                yield text
-            received = max(size, received + len(text.encode("utf-8")))
-            if done:
-                return
-            time.sleep(poll_s)
+        return False
 
     def _log_or_empty(self, job_id: str, offset: int) -> tuple[str, int]:
         try:

@@ -18,6 +18,17 @@ SKIP_DIRS = frozenset({".venv", "venv", "__pycache__", ".git", ".hg", ".svn", ".
 SKIP_FILES = frozenset({".DS_Store", "Thumbs.db"})
 
 
+def _walk_kept(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk`` minus what is never uploaded: skipped folders and files, symlinks."""
+    for current, dirs, files in os.walk(folder):
+        here = Path(current)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not (here / d).is_symlink())
+        kept = [name for name in sorted(files)
+                if name not in SKIP_FILES and not name.endswith((".pyc", ".pyo"))
+                and not (here / name).is_symlink()]
+        yield here, dirs, kept
+
+
 def zip_project(folder: Path | str, dest: Path | str) -> int:
     """Zip ``folder`` into ``dest`` under one top folder named like it; return file count.
 
@@ -31,14 +42,8 @@ def zip_project(folder: Path | str, dest: Path | str) -> int:
     top = folder.name or "project"
     count = 0
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for current, dirs, files in os.walk(folder):
-            here = Path(current)
-            dirs[:] = sorted(d for d in dirs
-                             if d not in SKIP_DIRS and not (here / d).is_symlink())
+        for here, dirs, kept in _walk_kept(folder):
             rel_dir = here.relative_to(folder)
-            kept = [name for name in sorted(files)
-                    if name not in SKIP_FILES and not name.endswith((".pyc", ".pyo"))
-                    and not (here / name).is_symlink()]
             # A folder left empty (or holding only skipped files) is kept as an entry.
             if not kept and not dirs and rel_dir != Path("."):
                 zf.writestr(f"{top}/{rel_dir.as_posix()}/", b"")

@@ -50,6 +50,23 @@ def wait_for_group(client: Client, job: dict[str, Any], quiet: bool) -> None:
     click.echo(f"group {group['id']}: all {group['size']} jobs succeeded", err=True)
 
 
+def _receipt_lines(data: dict[str, Any], env: dict[str, Any]) -> list[tuple[str, str]]:
+    """The receipt's headline fields, as (label, text) for ``labq receipt``."""
+    def joined(mapping: dict[str, Any] | None, sep: str = " ") -> str:
+        return sep.join(f"{k}={v}" for k, v in (mapping or {}).items())
+
+    return [
+        ("job", data["job_id"]), ("bundle sha256", data["bundle_sha256"]),
+        ("command", " ".join([data.get("entrypoint") or "", *data.get("args", [])])),
+        ("env", joined(data.get("env")) or "-"),
+        ("python", env.get("python") or "-"), ("labq", data.get("labq_version") or "-"),
+        ("worker", f"{data.get('worker') or '-'} on {data.get('worker_host') or '-'}"),
+        ("limits", joined(data.get("limits"), ", ")),
+        ("outcome", f"{data.get('outcome') or data.get('state')} "
+                    f"(exit code {data.get('exit_code')})"),
+    ]
+
+
 @click.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the receipt as JSON.")
@@ -61,16 +78,7 @@ def receipt(ctx: click.Context, job_id: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     env = data.get("environment") or {}
-    lines = [
-        ("job", data["job_id"]), ("bundle sha256", data["bundle_sha256"]),
-        ("command", " ".join([data.get("entrypoint") or "", *data.get("args", [])])),
-        ("env", " ".join(f"{k}={v}" for k, v in (data.get("env") or {}).items()) or "-"),
-        ("python", env.get("python") or "-"), ("labq", data.get("labq_version") or "-"),
-        ("worker", f"{data.get('worker') or '-'} on {data.get('worker_host') or '-'}"),
-        ("limits", ", ".join(f"{k}={v}" for k, v in (data.get("limits") or {}).items())),
-        ("outcome", f"{data.get('outcome') or data.get('state')} "
-                    f"(exit code {data.get('exit_code')})"),
-    ]
+    lines = _receipt_lines(data, env)
     for key, value in lines:
         click.echo(f"{key + ':':<15} {value}")
     click.echo("packages:")

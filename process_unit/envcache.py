@@ -303,7 +303,34 @@ class EnvCache:
         """Run uv with its output copied line by line into the job log, minus lines that
         only make sense in a terminal (``Activate with: source <temporary path>``)."""
         log_file.flush()
-        kept: list[str] = []
+        proc, net = self._start_uv(args, binds or [], ro_binds or [])
+        watch = _BuildWatch(proc, self.settings.env_build_timeout_s,
+                            getattr(self, "_cancelled", lambda: False))
+        try:
+            kept = _copy_uv_output(proc, log_file)
+            returncode = proc.wait()
+        finally:
+            watch.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if net is not None:
+                net.close()
+        if watch.stopped.is_set():
+            raise BuildStoppedError(f"{what} was stopped by the user")
+        if watch.expired.is_set():
+            raise EnvironmentBuildError(
+                f"{what} took longer than {self.settings.env_build_timeout_s} s; gave up")
+        if returncode != 0:
+            # uv's chatter about which interpreter it uses says nothing about the failure.
+            lines = [line for line in kept if line.strip()
+                     and not line.startswith(("Using Python", "Using CPython"))]
+            tail = "\n".join(lines)[-ERROR_TAIL_CHARS:]
+            tail = tail or f"uv exited {returncode}"
+            raise EnvironmentBuildError(f"{what} failed: {tail}")
+
+    def _start_uv(self, args: list[str], binds: list[Path],
+                  ro_binds: list[Path]) -> tuple[subprocess.Popen, JobNetwork | None]:
         # A boxed build reaches the package index through slirp4netns, never the host's
         # loopback (the broker, the database): what a package's setup.py does included.
         # Without slirp4netns it shares the host's network (the README says so).
@@ -312,7 +339,7 @@ class EnvCache:
         proc = None
         try:
             proc = subprocess.Popen(
-                self._boxed_uv(args, binds or [], ro_binds or [], net),
+                self._boxed_uv(args, binds, ro_binds, net),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 env=self._uv_env(), start_new_session=True,
                 pass_fds=net.child_fds() if net else ())
@@ -325,56 +352,7 @@ class EnvCache:
             if net is not None:
                 net.close()
             raise
-        expired = threading.Event()
-        stopped = threading.Event()
-        done = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            proc.kill()
-
-        def watch_stop() -> None:
-            cancelled = getattr(self, "_cancelled", lambda: False)
-            while not done.wait(0.2):
-                if cancelled():
-                    stopped.set()
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, 9)
-                    return
-
-        timer = threading.Timer(self.settings.env_build_timeout_s, expire)
-        timer.start()
-        threading.Thread(target=watch_stop, name="labq-build-stop", daemon=True).start()
-        try:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", "replace")
-                if line.lstrip().startswith(UV_TERMINAL_HINTS):
-                    continue
-                log_file.write(raw)
-                log_file.flush()
-                kept.append(line.rstrip("\n"))
-            returncode = proc.wait()
-        finally:
-            done.set()
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if net is not None:
-                net.close()
-        if stopped.is_set():
-            raise BuildStoppedError(f"{what} was stopped by the user")
-        if expired.is_set():
-            raise EnvironmentBuildError(
-                f"{what} took longer than {self.settings.env_build_timeout_s} s; gave up")
-        if returncode != 0:
-            # uv's chatter about which interpreter it uses says nothing about the failure.
-            lines = [line for line in kept if line.strip()
-                     and not line.startswith(("Using Python", "Using CPython"))]
-            tail = "\n".join(lines)[-ERROR_TAIL_CHARS:]
-            tail = tail or f"uv exited {returncode}"
-            raise EnvironmentBuildError(f"{what} failed: {tail}")
+        return proc, net
 
     def _build(self, key: str, requirements: Path | None, log_file: BinaryIO) -> None:
         env = self.root / key
@@ -455,3 +433,48 @@ class EnvCache:
 def _note(log_file: BinaryIO, text: str) -> None:
     log_file.write((text + "\n").encode())
     log_file.flush()
+
+
+class _BuildWatch:
+    """Ends a running uv when it outlives its time limit or the user stops the job."""
+
+    def __init__(self, proc: subprocess.Popen, timeout_s: float,
+                 cancelled: Callable[[], bool]) -> None:
+        self.proc = proc
+        self.cancelled = cancelled
+        self.expired = threading.Event()
+        self.stopped = threading.Event()
+        self.done = threading.Event()
+        self.timer = threading.Timer(timeout_s, self._expire)
+        self.timer.start()
+        threading.Thread(target=self._watch_stop, name="labq-build-stop", daemon=True).start()
+
+    def _expire(self) -> None:
+        self.expired.set()
+        self.proc.kill()
+
+    def _watch_stop(self) -> None:
+        while not self.done.wait(0.2):
+            if self.cancelled():
+                self.stopped.set()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, 9)
+                return
+
+    def close(self) -> None:
+        self.done.set()
+        self.timer.cancel()
+
+
+def _copy_uv_output(proc: subprocess.Popen, log_file: BinaryIO) -> list[str]:
+    """Copy uv's output into the job log as it comes; return the lines kept."""
+    kept: list[str] = []
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace")
+        if line.lstrip().startswith(UV_TERMINAL_HINTS):
+            continue
+        log_file.write(raw)
+        log_file.flush()
+        kept.append(line.rstrip("\n"))
+    return kept

@@ -149,6 +149,20 @@ class HostSandbox:
     def report(self) -> dict:
         return {"host": socket.gethostname(), **self.layers.to_json()}
 
+    def _rlimits(self, memory_mb: int, max_output_bytes: int, *, own_uid: bool,
+                 memory_cgroup: bool) -> tuple[tuple[str, int], ...]:
+        """The rlimits backstop of one run."""
+        rlimits = [("CORE", 0), ("NOFILE", self.settings.job_max_open_files)]
+        if max_output_bytes:
+            rlimits.append(("FSIZE", max(max_output_bytes, 64 * MIB)))
+        if own_uid:  # NPROC counts per uid: only meaningful with our own
+            rlimits.append(("NPROC", self.settings.job_max_procs))
+        if not memory_cgroup and memory_mb:
+            # Address space is a blunt stand-in for a memory cgroup: threads reserve
+            # much more than they use, so leave generous room.
+            rlimits.append(("AS", max(memory_mb * 4, 1024) * MIB))
+        return tuple(rlimits)
+
     def open(self, *, workspace: Path, memory_mb: int, cpus: int, max_output_bytes: int,
              network: bool, name: str) -> JobBox:
         """Lease a uid, make the cgroup, and hand the workspace to the job's uid."""
@@ -166,15 +180,8 @@ class HostSandbox:
             if self.layers.cgroup:
                 cgroup = JobCgroup.create(name, layout=self.layers.cgroup, memory_mb=memory_mb,
                                           max_procs=settings.job_max_procs, cpus=cpus)
-            rlimits = [("CORE", 0), ("NOFILE", settings.job_max_open_files)]
-            if max_output_bytes:
-                rlimits.append(("FSIZE", max(max_output_bytes, 64 * MIB)))
-            if lease is not None:  # NPROC counts per uid: only meaningful with our own
-                rlimits.append(("NPROC", settings.job_max_procs))
-            if cgroup is None and memory_mb:
-                # Address space is a blunt stand-in for a memory cgroup: threads reserve
-                # much more than they use, so leave generous room.
-                rlimits.append(("AS", max(memory_mb * 4, 1024) * MIB))
+            rlimits = self._rlimits(memory_mb, max_output_bytes, own_uid=lease is not None,
+                                    memory_cgroup=cgroup is not None)
             if lease is not None:
                 _chown_tree(workspace, lease.uid)
                 os.chmod(workspace, 0o700)
@@ -188,14 +195,9 @@ class HostSandbox:
                         net_fds=net.child_fds() if net else None, resolv_conf=resolv,
                         tmp_mb=settings.job_tmp_mb,
                         cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
-                        rlimits=tuple(rlimits))
+                        rlimits=rlimits)
         except BaseException:
-            if net is not None:
-                net.close()
-            if cgroup is not None:
-                cgroup.remove()
-            if lease is not None:
-                lease.release()
+            JobBox(Jail(uid=None, bwrap=None), lease, cgroup, memory_mb, net).close()
             raise
         return JobBox(jail, lease, cgroup, memory_mb, net)
 

@@ -19,27 +19,27 @@ from labq.shared.lifecycle import State
 _RUN_ENDS = ("completed_at", "stopped_at", "failed_at")
 
 
+def _pause_added(job: Mapping[str, Any], at: float) -> dict[str, float]:
+    """``paused_s`` with the pause that ends at ``at`` added (nothing if none began)."""
+    paused_at = job.get("paused_at")
+    if paused_at is None:
+        return {}
+    return {"paused_s": (job.get("paused_s") or 0.0) + max(0.0, at - paused_at)}
+
+
 def timestamps_for(job: Mapping[str, Any], current: State, target: State,
                    at: float) -> dict[str, Any]:
     """The columns a move ``current → target`` at time ``at`` writes, besides the state."""
-    values: dict[str, Any] = {}
     if target == current:
-        return values
-    column = f"{target}_at"
+        return {}
     if current == State.PAUSED and target == State.STARTED:
         # A resume: the run began at started_at; the pause just ended counts as paused.
-        values["started_at"] = job.get("started_at") or at
-        paused_at = job.get("paused_at")
-        if paused_at is not None:
-            values["paused_s"] = (job.get("paused_s") or 0.0) + max(0.0, at - paused_at)
-        return values
-    values[column] = at
+        return {"started_at": job.get("started_at") or at, **_pause_added(job, at)}
+    values: dict[str, Any] = {f"{target}_at": at}
     if target == State.STARTED:
         values["paused_s"] = 0.0  # a new attempt starts with no pauses
     if current == State.PAUSED and target != State.QUEUED:
-        paused_at = job.get("paused_at")
-        if paused_at is not None:
-            values["paused_s"] = (job.get("paused_s") or 0.0) + max(0.0, at - paused_at)
+        values.update(_pause_added(job, at))
     if current in (State.STARTED, State.PAUSED) and target in (
             State.COMPLETED, State.STOPPED, State.FAILED):
         paused = values.get("paused_s", job.get("paused_s")) or 0.0

@@ -148,6 +148,24 @@ class UserRequest:
     target: State
 
 
+def _repeat_decision(state: State, wanted: State,
+                     pending: State | None) -> Decision | None:
+    """The answer to a request the job already meets or is already heading to (None: a
+    real change, to be checked against the transitions)."""
+    # Already on the way there, or there with nothing else pending: harmless repeats.
+    if wanted == pending or (wanted == state and pending in (None, state)):
+        return Decision.NOOP
+    if wanted == state:
+        # Paused then resumed (or the reverse) before the worker answered: the opposite
+        # request is on its way, so this one must be sent too, or it would be lost.
+        return Decision.APPLY
+    if wanted == State.STARTED and state in (State.CREATED, State.QUEUED, State.INITIALIZED):
+        return Decision.NOOP  # it starts by itself
+    if wanted == State.STOPPED and state == State.COMPLETED:
+        return Decision.NOOP  # results are being stored; stops next
+    return None
+
+
 def plan_user_request(
     current: State | str, target: State | str, pending: State | str | None = None
 ) -> UserRequest:
@@ -175,17 +193,9 @@ def plan_user_request(
             state=str(state),
             allowed=[str(State.STOPPED)],
         )
-    # Already on the way there, or there with nothing else pending: harmless repeats.
-    if wanted == pending_state or (wanted == state and pending_state in (None, state)):
-        return UserRequest(Decision.NOOP, wanted)
-    if wanted == state:
-        # Paused then resumed (or the reverse) before the worker answered: the opposite
-        # request is on its way, so this one must be sent too, or it would be lost.
-        return UserRequest(Decision.APPLY, wanted)
-    if wanted == State.STARTED and state in (State.CREATED, State.QUEUED, State.INITIALIZED):
-        return UserRequest(Decision.NOOP, wanted)  # it starts by itself
-    if wanted == State.STOPPED and state == State.COMPLETED:
-        return UserRequest(Decision.NOOP, wanted)  # results are being stored; stops next
+    decision = _repeat_decision(state, wanted, pending_state)
+    if decision is not None:
+        return UserRequest(decision, wanted)
     if wanted in TRANSITIONS[state]:
         return UserRequest(Decision.APPLY, wanted)
     allowed = user_allowed_targets(state)

@@ -79,6 +79,57 @@ def _looks_like_path(token: str) -> bool:
     return token.startswith(("/", "./", "../", "~", ".\\")) or token in (".", "..")
 
 
+class _Refused(Exception):
+    """Raised when one requirements line reaches outside the bundle (the reason)."""
+
+
+def _tokens(line: str) -> list[str]:
+    try:
+        return shlex.split(line, comments=False)
+    except ValueError:
+        return line.split()
+
+
+def _included_file(target: str, here: PurePosixPath,
+                   known: set[PurePosixPath]) -> PurePosixPath:
+    """The bundle file a ``-r``/``-c`` line names; refused if it is not in the bundle."""
+    if not _inside(target, here, known):
+        raise _Refused("it may only name a file inside the bundle (a relative path next "
+                       "to requirements.txt)")
+    return PurePosixPath(os.path.normpath(str(here / target)))
+
+
+def _check_locations(line: str, option: str, value: str) -> None:
+    """Refuse URLs that reach the worker's own host and index options naming folders."""
+    for url in _URL.findall(line):
+        why = _check_url(url)
+        if why:
+            raise _Refused(why)
+    if option in URL_OPTIONS and value and "://" not in value:
+        raise _Refused("index and find-links locations must be http(s) URLs, not folders "
+                       "of the worker")
+
+
+def _check_line(line: str, here: PurePosixPath,
+                known: set[PurePosixPath]) -> PurePosixPath | None:
+    """Raise :class:`_Refused` when ``line`` reaches outside the bundle; return the
+    bundle file it includes with ``-r``/``-c``, if any."""
+    tokens = _tokens(line)
+    first = tokens[0]
+    option, _, attached = first.partition("=")
+    value = attached or (tokens[1] if len(tokens) > 1 else "")
+    if option in EDITABLE or first.startswith("-e"):
+        raise _Refused("editable installs (-e) are not allowed: they build whatever "
+                       "folder they name on the worker")
+    if option in FILE_OPTIONS or first.startswith(("-r", "-c")) and len(first) > 2:
+        return _included_file(value if option in FILE_OPTIONS else first[2:], here, known)
+    _check_locations(line, option, value)
+    if any(_looks_like_path(token) for token in tokens) or "@ file:" in line:
+        raise _Refused("local paths would install from the worker's own folders; put the "
+                       "package in the bundle or use an index")
+    return None
+
+
 def check_requirements(text: str, files: Iterable[PurePosixPath], *,
                        here: PurePosixPath = PurePosixPath(),
                        name: str = "requirements.txt") -> list[PurePosixPath]:
@@ -95,32 +146,11 @@ def check_requirements(text: str, files: Iterable[PurePosixPath], *,
         if not line or line.startswith("#"):
             continue
         try:
-            tokens = shlex.split(line, comments=False)
-        except ValueError:
-            tokens = line.split()
-        first = tokens[0]
-        option, _, attached = first.partition("=")
-        value = attached or (tokens[1] if len(tokens) > 1 else "")
-        if option in EDITABLE or first.startswith("-e"):
-            raise _refuse(name, number, raw, "editable installs (-e) are not allowed: they "
-                          "build whatever folder they name on the worker")
-        if option in FILE_OPTIONS or first.startswith(("-r", "-c")) and len(first) > 2:
-            target = value if option in FILE_OPTIONS else first[2:]
-            if not _inside(target, here, known):
-                raise _refuse(name, number, raw, "it may only name a file inside the bundle "
-                              "(a relative path next to requirements.txt)")
-            included.append(PurePosixPath(os.path.normpath(str(here / target))))
-            continue
-        for url in _URL.findall(line):
-            why = _check_url(url)
-            if why:
-                raise _refuse(name, number, raw, why)
-        if option in URL_OPTIONS and value and "://" not in value:
-            raise _refuse(name, number, raw, "index and find-links locations must be "
-                          "http(s) URLs, not folders of the worker")
-        if any(_looks_like_path(token) for token in tokens) or "@ file:" in line:
-            raise _refuse(name, number, raw, "local paths would install from the worker's "
-                          "own folders; put the package in the bundle or use an index")
+            include = _check_line(line, here, known)
+        except _Refused as why:
+            raise _refuse(name, number, raw, str(why)) from None
+        if include is not None:
+            included.append(include)
     return included
 
 
