@@ -22,8 +22,8 @@ from labq.shared.errors import ConflictError
 
 class State(StrEnum):
     CREATED = "created"  #: accepted and stored, not yet confirmed on the queue
-    QUEUED = "queued"  #: on RabbitMQ, waiting for a process unit
-    INITIALIZED = "initialized"  #: a process unit took it; bundle unpacked, environment ready
+    QUEUED = "queued"  #: on RabbitMQ, waiting for a worker
+    INITIALIZED = "initialized"  #: a worker took it; bundle unpacked, environment ready
     STARTED = "started"  #: the script is running
     PAUSED = "paused"  #: the script's whole process tree is frozen
     COMPLETED = "completed"  #: the script exited; results and logs being stored
