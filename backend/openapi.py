@@ -142,6 +142,7 @@ def build_spec() -> dict[str, Any]:
             "exit_code": {"type": "integer", "nullable": True},
             "attempts": {"type": "integer"}, "error": {"type": "string", "nullable": True},
             "worker": {"type": "string", "nullable": True},
+            "worker_host": {"type": "string", "nullable": True},
             **timestamps,
             "updated_at": {"type": "string", "format": "date-time"},
             "spec": {"type": "object"},

@@ -218,6 +218,8 @@ class Registry:
             values: dict[str, Any] = {"attempts": max(job["attempts"] or 0, event.attempt)}
             if event.worker is not None:
                 values["worker"] = event.worker
+            if event.worker_host is not None:
+                values["worker_host"] = event.worker_host
             for field in ("outcome", "exit_code", "error"):
                 if getattr(event, field) is not None:
                     values[field] = getattr(event, field)
@@ -231,7 +233,9 @@ class Registry:
                 if jobstore.move(conn, job, target, seq=event.seq, values=values, reach=True,
                                  event={"outcome": event.outcome, "exit_code": event.exit_code,
                                         "error": event.error, "attempt": event.attempt,
-                                        "worker": event.worker, "at": event.at}) is not None:
+                                        "worker": event.worker,
+                                        "worker_host": event.worker_host,
+                                        "at": event.at}) is not None:
                     return True
         log.error("job %s: gave up applying event seq %s after repeated races",
                   event.job_id, event.seq)
@@ -263,6 +267,7 @@ def job_to_json(row: dict[str, Any], base: str = "/api/v1/jobs") -> dict[str, An
         "attempts": row["attempts"] or 0,
         "error": row["error"],
         "worker": row["worker"],
+        "worker_host": row.get("worker_host"),
     }
     for column in db.STATE_TIMESTAMPS.values():
         data[column] = iso(row[column])

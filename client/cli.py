@@ -375,6 +375,8 @@ def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
              ("outcome", job.get("outcome") or "-"),
              ("exit code", "-" if job.get("exit_code") is None else job.get("exit_code")),
              ("attempts", job.get("attempts", 0)), ("worker", job.get("worker") or "-")]
+    if job.get("worker_host"):
+        lines.append(("host", job["worker_host"]))
     if job.get("requested_state"):
         lines.append(("requested", job["requested_state"]))
     if job.get("owner"):

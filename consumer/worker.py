@@ -21,6 +21,7 @@ a duplicate instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -96,6 +97,8 @@ class Worker:
         self.settings = settings
         self.storage = Storage(settings.data_dir).ensure()
         self.name = worker_name(settings)
+        #: Named on every event, so the job's record says which machine ran it.
+        self.host = socket.gethostname()
         self.envs = EnvCache(settings, self.storage, self.sandbox.build_box())
         self.runner = runner
         self._report_path = write_report(settings.data_dir, self.name, self.sandbox.report())
@@ -319,7 +322,10 @@ class Worker:
                      plan.record.error or "it was stopped before it ran")
             self.link.bind_control(d)
             self.storage.write_outcome(job_id, plan.record)
-        self.link.publish_event(plan.record.final_event(job_id, self.name))
+        event = plan.record.final_event(job_id, self.name)
+        if event.worker == self.name:  # a duplicate's record may name another worker
+            event = dataclasses.replace(event, worker_host=self.host)
+        self.link.publish_event(event)
         self.link.flush()
         self.link.settle(d, plan.settle)
         self.link.unbind_control(d)
@@ -343,7 +349,7 @@ class Worker:
             d.n += 1
             self.link.publish_event(LifecycleEvent(
                 job_id=d.job.job_id, seq=event_seq(d.attempt, d.n), state=state,
-                attempt=d.attempt, worker=self.name, **fields,
+                attempt=d.attempt, worker=self.name, worker_host=self.host, **fields,
             ))
             self.link.wake()
 

@@ -76,6 +76,8 @@ jobs = Table(
     Column("group_id", String(32)),
     Column("rerun_of", String(32)),
     Column("notify_url", Text),
+    # Migration 0007: the host the job's worker runs on (workers on several machines).
+    Column("worker_host", String(255)),
     Index("ix_jobs_created", "created_at", "id"),
     Index("ix_jobs_group", "group_id"),
     Index("ix_jobs_state", "state"),

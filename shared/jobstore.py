@@ -42,12 +42,13 @@ def insert_job(conn: Any, values: Mapping[str, Any]) -> Row:
 
 def insert_event(conn: Any, *, job_id: str, seq: int, state: str, outcome: str | None = None,
                  exit_code: int | None = None, error: str | None = None, attempt: int = 0,
-                 worker: str | None = None, at: float | None = None) -> None:
+                 worker: str | None = None, worker_host: str | None = None,
+                 at: float | None = None) -> None:
     """Add one row to ``events`` (what ``GET /api/v1/events`` streams)."""
     at = time.time() if at is None else at
     data = {"kind": "lifecycle", "job_id": job_id, "seq": seq, "state": str(state),
             "outcome": outcome, "exit_code": exit_code, "error": error, "attempt": attempt,
-            "worker": worker, "at": at}
+            "worker": worker, "worker_host": worker_host, "at": at}
     conn.execute(insert(db.events).values(job_id=job_id, seq=seq, state=str(state),
                                           outcome=outcome, at=at, data=json.dumps(data)))
 

@@ -137,6 +137,9 @@ class LifecycleEvent(_Message):
     exit_code: int | None = None
     error: str | None = None
     worker: str | None = None
+    #: The host the worker runs on (``socket.gethostname()``): with workers on several
+    #: machines, where the job ran. Older workers leave it out.
+    worker_host: str | None = None
     at: float = field(default_factory=time.time)
     #: Measurements (shared.durations.MEASURES): on ``initialized`` the seconds spent
     #: preparing the run, on the final events the run's peak memory and CPU time.

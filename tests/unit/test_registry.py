@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -107,6 +108,22 @@ def test_events_in_order_then_stale_duplicate_and_terminal_dropped(registry):
     assert job["stopped_at"] and job["started_at"] and job["initialized_at"]
     assert [s for _, s in events_of(registry, job_id)] == \
         ["created", "initialized", "started", "stopped"]
+
+
+def test_the_worker_host_of_the_latest_event_is_kept_on_the_job(registry):
+    # Given a job whose first attempt ran on host h3 and whose second ran on h2
+    job = new_job(registry)
+    registry.apply_event(ev(job["id"], 1, "started", worker_host="h3"))
+    registry.apply_event(ev(job["id"], 1, "queued", attempt=2))  # an event without a host
+    registry.apply_event(ev(job["id"], 2, "stopped", attempt=2, outcome="succeeded",
+                            exit_code=0, worker_host="h2"))
+    # Then the record names where it ended, and each stored event where it happened
+    assert job_to_json(registry.get(job["id"]))["worker_host"] == "h2"
+    with registry.engine.connect() as conn:
+        hosts = [json.loads(d)["worker_host"] for (d,) in conn.execute(
+            select(db.events.c.data).where(db.events.c.job_id == job["id"])
+            .order_by(db.events.c.id))]
+    assert hosts == [None, "h3", None, "h2"]
 
 
 def test_skipped_steps_are_accepted_when_reachable(registry):

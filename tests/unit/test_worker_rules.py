@@ -9,6 +9,7 @@ runs a job twice; a redelivery of a job running elsewhere waits; control reaches
 from __future__ import annotations
 
 import fcntl
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,6 +154,8 @@ def test_a_job_runs_once_and_is_acked_after_its_outcome(rig: Rig) -> None:
     assert states == ["initialized", "started", "stopped"]
     seqs = [e.seq for e in rig.events(job.job_id)]
     assert seqs == sorted(seqs) and seqs[0] == 1001
+    # Every event names the worker's machine, so the job's record says where it ran.
+    assert {e.worker_host for e in rig.events(job.job_id)} == {socket.gethostname()}
 
 
 def test_a_redelivery_of_a_finished_job_is_acked_without_running_it(rig: Rig) -> None:
