@@ -338,9 +338,9 @@ class Worker:
                                     name=f"job-{d.job.job_id[:8]}", daemon=True)
         self.current = d
         d.thread.start()
-        # No deliveries while busy (prefetch 1 holds them back too); after a reconnect
-        # mid-job we only consume again once this job is finished.
-        self.link.stop_consuming()
+        # The consumer stays on: prefetch 1 holds the next delivery back until this one
+        # is settled, and then it is here without a round trip. (After a reconnect
+        # mid-job _serve consumes again only once this job is finished.)
 
     def _job_thread(self, d: Delivery) -> None:
         """Runs in the job thread: the job, then a wake-up call to the connection thread."""

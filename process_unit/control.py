@@ -3,6 +3,8 @@
 The connection thread posts requests (``pause``, ``resume``, ``stop`` from control
 messages; ``shutdown`` when the worker must put the job back); the job thread takes
 them while it supervises the run and publishes a status snapshot for status events.
+The thread waiting for the job's process interrupts a waiting ``take`` when it ends, so
+the job thread learns of the exit at once instead of at its next tick.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Control:
         self._wake = threading.Event()
         self._stop = False
         self._shutdown = False
+        self._interrupted = False
         self._status: Status | None = None
 
     def request(self, action: Action | str) -> None:
@@ -42,13 +45,24 @@ class Control:
                 self._shutdown = True
             self._wake.set()
 
+    def interrupt(self) -> None:
+        """End a waiting :meth:`take` early without a request (any thread may call):
+        the job's process ended, and the job thread should see that at once."""
+        with self._lock:
+            self._interrupted = True
+            self._wake.set()
+
     def take(self, timeout: float = 0.0) -> Action | None:
-        """The oldest pending request, waiting up to ``timeout`` seconds for one."""
+        """The oldest pending request, waiting up to ``timeout`` seconds for one (None
+        when none came, or :meth:`interrupt` was called)."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
                 if self._actions:
                     return self._actions.popleft()
+                if self._interrupted:
+                    self._interrupted = False
+                    return None
                 self._wake.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._wake.wait(remaining):

@@ -33,7 +33,7 @@ from labq.process_unit.envlock import (
 )
 from labq.process_unit.jobbox import HostSandbox, JobBox
 from labq.process_unit.results import store_results
-from labq.process_unit.supervisor import Supervisor, classify, new_token
+from labq.process_unit.supervisor import Exit, Supervisor, classify, new_token
 from labq.process_unit.usage import Usage, cpu_seconds, write_usage
 from labq.shared.bundle import OUTPUT_DIR, REQUIREMENTS, BundleLimits, extract_bundle
 from labq.shared.errors import BundleTooLargeError, LabqError
@@ -116,6 +116,9 @@ class _Run:
         self.paused_total = 0.0
         self.paused_since: float | None = None
         self.memory_mb: float | None = None
+        #: When the next memory sample is due (the first one a tick after the start:
+        #: right at the start there is only the launcher to measure).
+        self.next_sample = 0.0
         self.taken_at = time.monotonic()
         self.usage: Usage | None = None
         self.environment: dict[str, Any] | None = None
@@ -250,7 +253,8 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
         )
         sup = Supervisor(command, log_file.fileno(), finder=box.processes)
         run.usage = Usage()
-        sup.start()
+        sup.start(on_exit=run.control.interrupt)
+        run.next_sample = sup.started_at + POLL_S
         box.started()
         run.set_state(State.STARTED)
         try:
@@ -273,88 +277,100 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
 
 
 def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict:
-    """Drive the run until it ends; return why: exited, stop, shutdown, timeout, memory."""
-    job, settings, control = run.job, run.settings, run.control
-    limit_bytes = job.spec.memory_mb * MIB if job.spec.memory_mb else 0
-    next_memory = 0.0
+    """Drive the run until it ends; return why: exited, stop, shutdown, timeout, memory.
+
+    It sleeps in the mailbox between samples: a request wakes it, and so does the end of
+    the job's process (the supervisor's exit thread interrupts the wait), so neither
+    waits for the next sample."""
     while True:
         if sup.poll() is not None:
             return Verdict.EXITED
-        now = time.monotonic()
-        # Running time only: a paused job is not charged (as Slurm does for suspended jobs).
-        if job.spec.timeout_s and run.elapsed(sup) >= job.spec.timeout_s:
-            _note(log_file, f"time limit of {job.spec.timeout_s} s reached; stopping the job")
-            sup.kill(settings.stop_grace_s)
-            return Verdict.TIMEOUT
-        if now >= next_memory:
-            next_memory = now + POLL_S
-            procs = sup.processes()
-            used = proctree.rss_bytes(procs)
-            run.memory_mb = round(used / MIB, 1)
-            if run.usage is not None:
-                run.usage.sample(run.elapsed(sup), used, cpu_seconds(procs))
-            if limit_bytes and used > limit_bytes:
-                run.memory_mb = round(used / MIB)
-                sup.kill_now()
-                return Verdict.MEMORY
+        verdict = _check_limits(run, sup, log_file)
+        if verdict is not None:
+            return verdict
         run.publish_status(sup)
-        action = control.take(timeout=POLL_S)
-        if action in (Action.STOP, Action.SHUTDOWN) and sup.poll() is not None:
-            # It ended on its own while we waited for the request: that end stands, and
-            # a job that finished must not be put back and run again.
-            return Verdict.EXITED
-        if action == Action.PAUSE and run.state == State.STARTED:
-            sup.pause()
-            run.paused_since = time.monotonic()
-            run.set_state(State.PAUSED)
-        elif action == Action.RESUME and run.state == State.PAUSED:
-            sup.resume()
-            if run.paused_since is not None:
-                run.paused_total += time.monotonic() - run.paused_since
-            run.paused_since = None
-            run.set_state(State.STARTED)
-        elif action == Action.STOP:
-            _note(log_file, "stopped by the user")
-            sup.kill(settings.stop_grace_s)
-            return Verdict.STOP
-        elif action == Action.SHUTDOWN:
-            _note(log_file, "the worker is shutting down; the job goes back on the queue")
-            sup.kill(settings.stop_grace_s)
-            return Verdict.SHUTDOWN
+        action = run.control.take(timeout=_wait_s(run, sup))
+        if action is not None:
+            verdict = _on_request(run, sup, action, log_file)
+            if verdict is not None:
+                return verdict
+
+
+def _wait_s(run: _Run, sup: Supervisor) -> float:
+    """Until the next memory sample, or the time limit if that comes first."""
+    wait = run.next_sample - time.monotonic()
+    if run.job.spec.timeout_s:
+        wait = min(wait, run.job.spec.timeout_s - run.elapsed(sup))
+    return max(0.0, min(wait, POLL_S))
+
+
+def _check_limits(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict | None:
+    """The time limit, and (every POLL_S) a memory sample against the memory limit."""
+    spec = run.job.spec
+    # Running time only: a paused job is not charged (as Slurm does for suspended jobs).
+    if spec.timeout_s and run.elapsed(sup) >= spec.timeout_s:
+        _note(log_file, f"time limit of {spec.timeout_s} s reached; stopping the job")
+        sup.kill(run.settings.stop_grace_s)
+        return Verdict.TIMEOUT
+    now = time.monotonic()
+    if now < run.next_sample:
+        return None
+    run.next_sample = now + POLL_S
+    procs = sup.processes()
+    used = proctree.rss_bytes(procs)
+    run.memory_mb = round(used / MIB, 1)
+    if run.usage is not None:
+        run.usage.sample(run.elapsed(sup), used, cpu_seconds(procs))
+    if spec.memory_mb and used > spec.memory_mb * MIB:
+        run.memory_mb = round(used / MIB)
+        sup.kill_now()
+        return Verdict.MEMORY
+    return None
+
+
+def _on_request(run: _Run, sup: Supervisor, action: Action, log_file: BinaryIO
+                ) -> Verdict | None:
+    """Apply a pause, resume, stop or shutdown request; a verdict when the run ends."""
+    if action in (Action.STOP, Action.SHUTDOWN) and sup.poll() is not None:
+        # It ended on its own while we waited for the request: that end stands, and
+        # a job that finished must not be put back and run again.
+        return Verdict.EXITED
+    if action == Action.PAUSE and run.state == State.STARTED:
+        sup.pause()
+        run.paused_since = time.monotonic()
+        run.set_state(State.PAUSED)
+    elif action == Action.RESUME and run.state == State.PAUSED:
+        sup.resume()
+        if run.paused_since is not None:
+            run.paused_total += time.monotonic() - run.paused_since
+        run.paused_since = None
+        run.set_state(State.STARTED)
+    elif action == Action.STOP:
+        _note(log_file, "stopped by the user")
+        sup.kill(run.settings.stop_grace_s)
+        return Verdict.STOP
+    elif action == Action.SHUTDOWN:
+        _note(log_file, "the worker is shutting down; the job goes back on the queue")
+        sup.kill(run.settings.stop_grace_s)
+        return Verdict.SHUTDOWN
+    return None
 
 
 def _conclude(run: _Run, sup: Supervisor, verdict: Verdict, project: Path,
               log_file: BinaryIO) -> RunResult:
-    job = run.job
     returncode = sup.wait()
     exit_info = classify(returncode, shell_convention=bool(run.box and run.box.jail.bwrap))
     if verdict == Verdict.SHUTDOWN:
         run.set_state(State.QUEUED)
         return RunResult.QUEUED
-    if verdict in (Verdict.EXITED, Verdict.TIMEOUT, Verdict.MEMORY) \
-            and run.state == State.STARTED:
+    if verdict != Verdict.STOP and run.state == State.STARTED:
         run.set_state(State.COMPLETED, exit_code=exit_info.exit_code)
-    error: str | None = None
-    if verdict == Verdict.EXITED:
-        outcome = Outcome.SUCCEEDED if exit_info.ok else Outcome.ERROR
-        if exit_info.signal_text:
-            error = f"the job was {exit_info.signal_text}"
-        elif not exit_info.ok:
-            error = f"the job exited with code {exit_info.exit_code}"
-    elif verdict == Verdict.TIMEOUT:
-        outcome = Outcome.TIMEOUT
-        error = f"the job ran longer than its time limit of {job.spec.timeout_s} s"
-    elif verdict == Verdict.MEMORY:
-        outcome = Outcome.ERROR
-        error = (f"out of memory (limit {job.spec.memory_mb} MB): the job used "
-                 f"{run.memory_mb or 0:.0f} MB at its peak")
-    else:  # stop
-        outcome = Outcome.CANCELLED
+    outcome, error = _verdict_outcome(run.job, verdict, exit_info, run.memory_mb)
     if error:
         _note(log_file, error)
     try:
-        size = store_results(run.storage, job.job_id, project / OUTPUT_DIR,
-                             job.spec.max_output_bytes)
+        size = store_results(run.storage, run.job.job_id, project / OUTPUT_DIR,
+                             run.job.spec.max_output_bytes)
         _note(log_file, f"stored {size} bytes of output/")
     except BundleTooLargeError as exc:
         _note(log_file, f"results not stored: {exc.message}")
@@ -363,3 +379,21 @@ def _conclude(run: _Run, sup: Supervisor, verdict: Verdict, project: Path,
         error = error or exc.message
     _note(log_file, f"outcome {outcome} (exit code {exit_info.exit_code})")
     return run.finish(State.STOPPED, outcome, exit_code=exit_info.exit_code, error=error)
+
+
+def _verdict_outcome(job: JobMessage, verdict: Verdict, exit_info: Exit,
+                     memory_mb: float | None) -> tuple[Outcome, str | None]:
+    """The outcome of a run that ended (not put back), and the error to show with it."""
+    if verdict == Verdict.TIMEOUT:
+        return Outcome.TIMEOUT, f"the job ran longer than its time limit of " \
+                                f"{job.spec.timeout_s} s"
+    if verdict == Verdict.MEMORY:
+        return Outcome.ERROR, (f"out of memory (limit {job.spec.memory_mb} MB): the job "
+                               f"used {memory_mb or 0:.0f} MB at its peak")
+    if verdict == Verdict.STOP:
+        return Outcome.CANCELLED, None
+    if exit_info.signal_text:
+        return Outcome.ERROR, f"the job was {exit_info.signal_text}"
+    if not exit_info.ok:
+        return Outcome.ERROR, f"the job exited with code {exit_info.exit_code}"
+    return Outcome.SUCCEEDED, None

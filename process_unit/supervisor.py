@@ -16,6 +16,7 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,9 +75,13 @@ class Supervisor:
         self.popen: subprocess.Popen[bytes] | None = None
         self.paused = False
         self.started_at = 0.0
+        #: Set the moment the main process has exited (and been reaped).
+        self.exited = threading.Event()
 
     # -- lifecycle --------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, on_exit: Callable[[], None] | None = None) -> None:
+        """Start the command; ``on_exit`` is called (from another thread) the moment its
+        main process ends, so the caller need not poll for it."""
         self.popen = subprocess.Popen(
             self.command.argv,
             cwd=self.command.cwd,
@@ -90,6 +95,18 @@ class Supervisor:
         )
         self.started_at = time.monotonic()
         log.info("started pid %d: %s", self.popen.pid, " ".join(self.command.argv[-3:]))
+        threading.Thread(target=self._wait_exit, args=(self.popen, on_exit), daemon=True,
+                         name=f"exit-{self.popen.pid}").start()
+
+    def _wait_exit(self, popen: subprocess.Popen[bytes], on_exit: Callable[[], None] | None
+                   ) -> None:
+        # Blocks in waitpid() (reaping the main process and keeping its status in the
+        # Popen): the end of a job is noticed at once. It forks nothing, so the death
+        # signal of the job (tied to the thread that forked it) is unaffected.
+        popen.wait()
+        self.exited.set()
+        if on_exit is not None:
+            on_exit()
 
     @property
     def pid(self) -> int:
