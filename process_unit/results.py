@@ -1,12 +1,17 @@
 """Turning a job's ``output/`` folder into its stored results.
 
-``results.zip`` is written under a temporary name and renamed into place; the
-unpacked copy ``results/`` is built in a temporary folder and swapped in, so readers
-see the old results or the new ones, never half.
+On the volume, ``results.zip`` is written under a temporary name and renamed into
+place; the unpacked copy ``results/`` is built in a temporary folder and swapped in, so
+readers see the old results or the new ones, never half. With an object store the zip
+and the unpacked files are built in a local scratch folder and uploaded
+(``Storage.put_results``); the job is not ``stopped`` before they all are, and nothing
+shows results before then. Both unpack the zip labq made (safezip), never ``output/``
+itself, so a job's links and special files never reach the stored results.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -17,9 +22,18 @@ from labq.client import safezip
 from labq.shared.bundle import zip_folder
 from labq.shared.storage import Storage
 
+log = logging.getLogger(__name__)
 
-def store_results(storage: Storage, job_id: str, output: Path, max_bytes: int) -> int:
-    """Zip ``output`` into the job's results and unpack it next to it; return bytes."""
+
+def store_results(storage: Storage, job_id: str, output: Path, max_bytes: int,
+                  scratch: Path | None = None) -> int:
+    """Zip ``output`` into the job's results and unpack it next to it; return bytes.
+
+    ``scratch``: a local folder for the files on their way to an object store (default
+    ``<data>/tmp``; the worker passes its host-local workspace).
+    """
+    if not storage.on_volume:
+        return _store_in_blobs(storage, job_id, output, max_bytes, scratch or storage.tmp)
     job_dir = storage.job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=job_dir, prefix=".results-", suffix=".zip")
@@ -50,3 +64,22 @@ def unpack_results(zip_path: Path, dest: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _store_in_blobs(storage: Storage, job_id: str, output: Path, max_bytes: int,
+                    scratch: Path) -> int:
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=scratch, prefix=".results-"))
+    try:
+        archive = tmp / "results.zip"
+        size = zip_folder(output, archive, max_bytes)
+        with zipfile.ZipFile(archive) as zf:
+            safezip.extract(zf, tmp / "files")
+        only_in_zip = storage.put_results(job_id, archive, tmp / "files")
+        if only_in_zip:
+            log.warning("job %s: %d result file(s) kept only in results.zip, as %s cannot "
+                        "name them: %s", job_id, len(only_in_zip), storage.blobs.describe(),
+                        ", ".join(repr(p) for p in only_in_zip[:5]))
+        return size
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

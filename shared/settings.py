@@ -34,6 +34,17 @@ class Settings:
     data_dir: Path = Path("data")
     #: Where a worker unpacks jobs; empty means ``<data_dir>/work``. Local disk is best.
     work_dir: Path | None = None
+    #: Where bundles and results live: ``volume`` (under data_dir) or ``s3`` (an
+    #: S3-compatible bucket; logs and job records stay in data_dir, see docs/admin.md).
+    storage: str = "volume"
+    #: The bucket for ``storage = s3`` (it must exist). Credentials and region come from
+    #: the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
+    #: AWS_DEFAULT_REGION), as boto3 reads them.
+    s3_bucket: str = ""
+    #: An S3-compatible store's URL (MinIO, Ceph, ...); empty means AWS S3.
+    s3_endpoint_url: str = ""
+    #: Put before every key labq writes in the bucket (e.g. ``labq/``), to share a bucket.
+    s3_prefix: str = ""
     #: Prefix of every queue and exchange name; tests use a unique one per run.
     prefix: str = "labq"
     #: Address and port of the backend (``labq up`` and ``labq backend``).
@@ -41,11 +52,17 @@ class Settings:
     port: int = 8080
     #: How many workers ``labq up`` starts.
     workers: int = 2
-    #: gunicorn threads per backend process; each open event/log stream holds one.
-    backend_threads: int = 64
-    #: Most live streams (events, logs) open at once; 0 = all threads but 16 (kept for
-    #: the API and the pages). One more gets 503 with Retry-After.
-    max_streams: int = 0
+    #: Most live streams (events, logs) one backend process keeps open; one more gets
+    #: 503 with Retry-After. 1,000 more connections are kept for the API and the pages.
+    max_streams: int = 2000
+    #: Seconds a client has to send a request's line and headers (also how long an idle
+    #: keep-alive connection is kept).
+    header_timeout_s: float = 10.0
+    #: Seconds a request body may stall without a byte, and the grace before
+    #: ``body_min_bytes_per_s`` applies: slower uploads are cut off with 408.
+    body_timeout_s: float = 30.0
+    #: Slowest average upload rate accepted (bytes/s) once ``body_timeout_s`` has passed.
+    body_min_bytes_per_s: int = 8192
     #: Base URL of the server for the CLI.
     url: str = "http://127.0.0.1:8080"
     #: A name for this worker (shown on jobs); empty means ``<hostname>-<pid>``.

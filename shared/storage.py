@@ -19,9 +19,14 @@
 The data dir is 0700 (only labq's user enters it). Environments and job workspaces are
 not here but in each worker host's ``LABQ_WORK_DIR`` (``process_unit/isolation.py``).
 
+Bundles and results are blobs (shared/blobstore.py) under the same keys
+(``bundles/ab/<sha256>.zip``, ``jobs/<id>/results.zip``, ``jobs/<id>/results/<path>``):
+on this volume by default, in an S3 bucket with ``LABQ_STORAGE=s3``. Everything else
+here (logs, outcome, attempts, markers, locks) stays on the volume in both cases.
+
 Everything that readers may see is written to a temporary name and renamed into
 place, so nobody ever reads half a file. The backend and the workers meet only here
-and on RabbitMQ.
+(and in the bucket) and on RabbitMQ.
 """
 
 from __future__ import annotations
@@ -33,14 +38,32 @@ import os
 import re
 import stat
 import tempfile
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from labq.shared.blobstore import (
+    Blob,
+    BlobInfo,
+    BlobKeyError,
+    BlobStore,
+    VolumeBlobStore,
+    check_key,
+    content_sha256,
+    open_blobstore,
+)
 from labq.shared.errors import LabqError, NotFoundError
 from labq.shared.outcome import OutcomeRecord
+
+#: How many settled jobs' "has results" answers a process remembers (object stores).
+RESULTS_MEMO = 10_000
+#: Result files uploaded at once to an object store.
+PUT_THREADS = 8
 
 
 class BundleTamperedError(LabqError):
@@ -63,52 +86,174 @@ def is_job_id(value: str) -> bool:
 
 
 class Storage:
-    def __init__(self, data_dir: Path | str) -> None:
+    def __init__(self, data_dir: Path | str, blobs: BlobStore | None = None) -> None:
         self.root = Path(data_dir).resolve()
         self.bundles = self.root / "bundles"
         self.jobs = self.root / "jobs"
         self.tmp = self.root / "tmp"
+        #: Where bundles and results live (the volume unless LABQ_STORAGE says otherwise).
+        self.blobs: BlobStore = blobs or VolumeBlobStore(self.root)
+        self._has_results: OrderedDict[str, bool] = OrderedDict()
+        self._memo_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Storage:
+        return cls(settings.data_dir, open_blobstore(settings))
+
+    @property
+    def on_volume(self) -> bool:
+        """True when bundles and results are files under the data dir."""
+        return isinstance(self.blobs, VolumeBlobStore) and self.blobs.root == self.root
 
     def ensure(self) -> Storage:
-        for folder in (self.root, self.bundles, self.jobs, self.tmp):
+        folders = [self.root, self.jobs, self.tmp] + ([self.bundles] if self.on_volume else [])
+        for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
         # Only labq's own user may enter the data dir: even a job that runs without
         # bubblewrap (as its own uid) cannot reach the database, bundles or logs.
         with contextlib.suppress(PermissionError):
             if self.root.stat().st_uid == os.geteuid():
                 os.chmod(self.root, 0o700)
+        self.blobs.check()  # a bucket that is missing or refuses labq: say so at start
         return self
 
     # -- bundles --------------------------------------------------------------
-    def bundle_path(self, sha256: str) -> Path:
-        if not _SHA.match(sha256):
+    @staticmethod
+    def bundle_key(sha256: str) -> str:
+        if not _SHA.match(sha256 or ""):
             raise NotFoundError(f"no bundle {sha256!r}")
-        return self.bundles / sha256[:2] / f"{sha256}.zip"
+        return f"bundles/{sha256[:2]}/{sha256}.zip"
 
-    def store_bundle(self, staged: Path, sha256: str) -> Path:
-        """Move a staged upload to its content-addressed place.
+    def bundle_path(self, sha256: str) -> Path:
+        """Where the bundle is on the volume (with ``LABQ_STORAGE=volume``)."""
+        return self.root / self.bundle_key(sha256)
 
-        A file already there is kept only if its content still has that hash: one that
-        was changed on the volume is replaced by the upload (whose hash was just taken),
+    def has_bundle(self, sha256: str) -> bool:
+        return self.blobs.exists(self.bundle_key(sha256))
+
+    def store_bundle(self, staged: Path, sha256: str) -> Path | None:
+        """Move a staged upload to its content-addressed place; return its path on the
+        volume (None when bundles live in an object store).
+
+        A blob already there is kept only if its content still has that hash: one that
+        was changed in storage is replaced by the upload (whose hash was just taken),
         so a poisoned copy can never stand in for what a researcher sends.
         """
-        final = self.bundle_path(sha256)
-        if final.exists() and sha256_of(final) == sha256:
-            return final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, final)
-        return final
+        key = self.bundle_key(sha256)
+        if content_sha256(self.blobs, key) != sha256:
+            self.blobs.put(key, staged, sha256=sha256, move=True)
+        return self.bundle_path(sha256) if self.on_volume else None
+
+    def _tampered(self, sha256: str, actual: str) -> BundleTamperedError:
+        where = "on the data volume" if self.on_volume else f"in {self.blobs.describe()}"
+        return BundleTamperedError(
+            f"the stored bundle {sha256[:12]} no longer matches its sha256 (it is "
+            f"{actual[:12]}): it was changed {where}; upload the job again")
 
     def verify_bundle(self, sha256: str) -> Path:
-        """The bundle's path once its content is checked against its name (the worker
-        runs only what was uploaded); raises BundleTamperedError otherwise."""
+        """The bundle's path on the volume once its content is checked against its name
+        (the worker runs only what was uploaded); raises BundleTamperedError otherwise."""
         path = self.bundle_path(sha256)
         actual = sha256_of(path)
         if actual != sha256:
-            raise BundleTamperedError(
-                f"the stored bundle {sha256[:12]} no longer matches its sha256 (it is "
-                f"{actual[:12]}): it was changed on the data volume; upload the job again")
+            raise self._tampered(sha256, actual)
         return path
+
+    @contextlib.contextmanager
+    def fetched_bundle(self, sha256: str, scratch: Path) -> Iterator[Path]:
+        """A local copy of the bundle, checked against its sha256, for as long as the
+        ``with`` lasts: the volume's own file, or one downloaded into ``scratch``."""
+        if not self.has_bundle(sha256):
+            raise LabqError(f"the job's bundle {sha256[:12]} is missing from "
+                            f"{'the data dir' if self.on_volume else self.blobs.describe()}; "
+                            "upload the job again")
+        if self.on_volume:
+            yield self.verify_bundle(sha256)
+            return
+        scratch.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=scratch, prefix=".bundle-", suffix=".zip")
+        local = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                actual = _copy_blob(self.blobs, self.bundle_key(sha256), out)
+            if actual != sha256:
+                raise self._tampered(sha256, actual or "nothing")
+            yield local
+        finally:
+            local.unlink(missing_ok=True)
+
+    # -- results ----------------------------------------------------------------
+    def results_key(self, job_id: str) -> str:
+        self.job_dir(job_id)  # validates the id
+        return f"jobs/{job_id}/results.zip"
+
+    def results_prefix(self, job_id: str) -> str:
+        self.job_dir(job_id)
+        return f"jobs/{job_id}/results/"
+
+    def result_key(self, job_id: str, path: str) -> str:
+        """The key of one result file; NotFoundError for a path that is not clean."""
+        check_key(path)
+        return self.results_prefix(job_id) + path
+
+    def open_results_zip(self, job_id: str) -> Blob | None:
+        return self.blobs.open(self.results_key(job_id))
+
+    def has_results_zip(self, job_id: str) -> bool:
+        return self.blobs.exists(self.results_key(job_id))
+
+    def result_files(self, job_id: str) -> list[tuple[str, BlobInfo]]:
+        """(path relative to output/, blob) of every result file, sorted by path."""
+        prefix = self.results_prefix(job_id)
+        return [(info.key[len(prefix):], info) for info in self.blobs.list(prefix)]
+
+    def open_result(self, job_id: str, path: str) -> Blob | None:
+        return self.blobs.open(self.result_key(job_id, path))
+
+    def has_results(self, job_id: str, settled: bool = False) -> bool:
+        """True when the job left at least one result file. ``settled``: the job has
+        ended, so the answer is final and, from an object store, remembered (job lists
+        ask for every row)."""
+        remember = settled and not self.on_volume
+        if remember:
+            with self._memo_lock:
+                known = self._has_results.get(job_id)
+            if known is not None:
+                return known
+        found = self.blobs.has_any(self.results_prefix(job_id))
+        if remember:
+            with self._memo_lock:
+                self._has_results[job_id] = found
+                while len(self._has_results) > RESULTS_MEMO:
+                    self._has_results.popitem(last=False)
+        return found
+
+    def put_results(self, job_id: str, zip_path: Path, files: Path) -> list[str]:
+        """Store a job's results from local files (object stores; the volume's worker
+        swaps folders instead, process_unit/results.py): every file under ``files`` and
+        then the zip, moving them; blobs of an earlier attempt are removed. Returns the
+        paths kept only in the zip, because the store cannot name them."""
+        prefix = self.results_prefix(job_id)
+        stale = {info.key for info in self.blobs.list(prefix)}
+        local = sorted(p for p in files.rglob("*") if p.is_file() and not p.is_symlink())
+        skipped: list[str] = []
+
+        def put(path: Path) -> None:
+            rel = path.relative_to(files).as_posix()
+            try:
+                self.blobs.put(prefix + rel, path, move=True)
+            except BlobKeyError:
+                skipped.append(rel)
+
+        # A few at a time: an object store answers each request after a round trip.
+        with ThreadPoolExecutor(max_workers=PUT_THREADS) as pool:
+            list(pool.map(put, local))
+        for key in stale - {prefix + p.relative_to(files).as_posix() for p in local}:
+            self.blobs.delete(key)
+        self.blobs.put(self.results_key(job_id), zip_path, move=True)
+        with self._memo_lock:
+            self._has_results.pop(job_id, None)
+        return sorted(skipped)
 
     # -- per job --------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
@@ -230,6 +375,19 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _copy_blob(store: BlobStore, key: str, out: IO[bytes]) -> str | None:
+    """Copy a blob into ``out`` in chunks; return the sha256 of what came (None: absent)."""
+    blob = store.open(key)
+    if blob is None:
+        return None
+    digest = hashlib.sha256()
+    with blob:
+        for chunk in blob.chunks():
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
 
 
 def sha256_of(path: Path) -> str:
