@@ -52,6 +52,9 @@ class Settings:
     port: int = 8080
     #: How many workers ``labq up`` starts.
     workers: int = 2
+    #: Size of the backend's pools for outgoing calls (e.g. S3 connections). Requests
+    #: and streams are greenlets (gevent), not threads, and are not bounded by it.
+    backend_threads: int = 64
     #: Most live streams (events, logs) one backend process keeps open; one more gets
     #: 503 with Retry-After. 1,000 more connections are kept for the API and the pages.
     max_streams: int = 2000
