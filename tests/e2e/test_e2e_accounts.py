@@ -8,10 +8,11 @@ import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 from e2e_helpers import new_context, sign_in
-from helpers import free_port, make_zip
+from helpers import free_port, make_zip, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -136,40 +137,94 @@ def test_another_users_job_is_invisible_on_every_page(browser, system, bob,  # n
         ctx.close()
 
 
-ATTACK = """<!doctype html><title>free cat pictures</title><script>
-window.attack = async function (api, jobId) {
-  const data = new FormData();
-  const zip = Uint8Array.from(atob("%s"), (c) => c.charCodeAt(0));
-  data.append("bundle", new Blob([zip], {type: "application/zip"}), "evil.zip");
-  const results = [];
-  const tries = [
-    () => fetch(api + "/api/v1/jobs", {method: "POST", mode: "no-cors", body: data,
-                                       credentials: "include"}),
-    () => fetch(api + "/simulation", {method: "POST", mode: "no-cors", body: data,
-                                      credentials: "include"}),
-    () => fetch(api + "/api/v1/jobs/" + jobId + "/state", {method: "POST", mode: "no-cors",
-        credentials: "include", body: JSON.stringify({state: "stopped"})}),
-    () => fetch(api + "/api/v1/jobs/" + jobId + "/state", {method: "PUT", mode: "cors",
-        credentials: "include", headers: {"Content-Type": "application/json"},
-        body: JSON.stringify({state: "stopped"})}),
-  ];
-  for (const t of tries) {
-    try { const r = await t(); results.push("sent:" + r.type); }
-    catch (e) { results.push("blocked"); }
+# The page an attacker serves from another origin (another port of 127.0.0.1: the same
+# *site*, so the victim's SameSite=Lax cookie goes along). It sends everything a browser
+# sends cross-site without a CORS preflight: form posts (urlencoded, multipart with a file,
+# text/plain carrying JSON) and no-cors fetches with simple content types, to every route
+# that changes something. Each returns "sent:opaque"/"submitted" (it left the browser) or
+# "blocked" (the browser refused to send it).
+ATTACK = """<!doctype html><title>free cat pictures</title><body><script>
+const ZIP = Uint8Array.from(atob("%s"), (c) => c.charCodeAt(0));
+const bundle = (name) => new File([ZIP], name, {type: "application/zip"});
+function multipart(name) { const d = new FormData(); d.append("bundle", bundle(name)); return d; }
+function post(url, body) {
+  return fetch(url, {method: "POST", mode: "no-cors", credentials: "include", body})
+    .then((r) => "sent:" + r.type, () => "blocked");
+}
+function formPost(url, enctype, fields, file) {
+  const sink = document.createElement("iframe");
+  sink.name = "sink" + document.querySelectorAll("iframe").length;
+  document.body.append(sink);
+  const form = document.createElement("form");
+  Object.assign(form, {method: "POST", action: url, enctype: enctype, target: sink.name});
+  for (const [name, value] of Object.entries(fields)) {
+    form.append(Object.assign(document.createElement("input"), {name, value}));
   }
-  return results;
+  if (file) {
+    const input = Object.assign(document.createElement("input"), {type: "file", name: "bundle"});
+    const files = new DataTransfer();
+    files.items.add(file);
+    input.files = files.files;
+    form.append(input);
+  }
+  document.body.append(form);
+  form.submit();
+  return "submitted";
+}
+const JSONISH = {'{"args": ["--pwned"], "x": "': '"}'};  // text/plain form = JSON body
+window.attack = async function (api, jobId) {
+  const rerun = api + "/api/v1/jobs/" + jobId + "/rerun";
+  const out = [];
+  for (const url of [api + "/api/v1/jobs", api + "/simulation"]) {
+    out.push(await post(url, multipart("evil.zip")));
+    out.push(formPost(url, "multipart/form-data", {name: "evil"}, bundle("evil.zip")));
+  }
+  out.push(await post(rerun, null));
+  out.push(await post(rerun, '{"args": ["--pwned"]}'));
+  out.push(formPost(rerun, "application/x-www-form-urlencoded", {args: "--pwned"}));
+  out.push(formPost(rerun, "text/plain", JSONISH));
+  out.push(await post(api + "/api/v1/tokens", new URLSearchParams({name: "evil"})));
+  out.push(await post(api + "/api/v1/tokens", '{"name": "evil"}'));
+  out.push(formPost(api + "/api/v1/tokens", "multipart/form-data", {name: "evil"}));
+  // Stopping needs PUT: the browser first asks labq (a CORS preflight), labq allows nothing.
+  out.push(await fetch(api + "/api/v1/jobs/" + jobId + "/state", {method: "PUT",
+      credentials: "include", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({state: "stopped"})}).then(() => "sent", () => "blocked"));
+  // Last: signing the victim out, or into the attacker's own account (login CSRF).
+  out.push(formPost(api + "/login", "application/x-www-form-urlencoded",
+                    {name: "mallory", password: "mallory-password"}));
+  out.push(await post(api + "/login", '{"name": "mallory", "password": "mallory-password"}'));
+  out.push(await post(api + "/logout", null));
+  out.push(formPost(api + "/logout", "application/x-www-form-urlencoded", {}));
+  return out;
 };
-</script>"""
+</script></body>"""
+#: (method, path) of every request above that reaches labq (the PUT never leaves the browser).
+ATTACKED = [("POST", "/api/v1/jobs")] * 2 + [("POST", "/simulation")] * 2 + \
+    [("POST", "/api/v1/jobs/{id}/rerun")] * 4 + [("POST", "/api/v1/tokens")] * 3 + \
+    [("POST", "/login")] * 2 + [("POST", "/logout")] * 2
+
+
+def _labq_responses(ctx, system) -> list[tuple[str, str, int]]:  # noqa: ANN001
+    """Every response labq sends this browser context: (method, path, status). (Chromium
+    keeps no body of an opaque or refused-in-a-frame answer, so the status is what is seen:
+    a 403 is labq's refusal, ForbiddenError; done, these would be 201, 200 or 204.)"""
+    seen: list[tuple[str, str, int]] = []
+    ctx.on("response", lambda resp: seen.append(
+        (resp.request.method, urlsplit(resp.url).path, resp.status))
+        if resp.url.startswith(system.url + "/") else None)
+    return seen
 
 
 def test_a_cross_origin_page_can_neither_start_nor_stop_a_job(browser, system, attacker,  # noqa: ANN001
                                                               admin_password) -> None:
     import base64
 
+    system.add_user("mallory", password="mallory-password")
     victims = system.submit(LONG)
     system.wait_for_state(victims["id"], "started")
-    before = {j["id"] for j in system.http.get(system.api("/api/v1/jobs?limit=500"),
-                                               timeout=10).json()["jobs"]}
+    jobs_before = _job_ids(system)
+    tokens_before = _token_ids(system)
     attacker.pages["/cats"] = ATTACK % base64.b64encode(
         make_zip({"code.py": "print('pwned')\n"}, root="evil")).decode()
     # The victim is signed in in the same browser ...
@@ -180,21 +235,54 @@ def test_a_cross_origin_page_can_neither_start_nor_stop_a_job(browser, system, a
         own.goto("/results")
         expect(own.locator("#whoami-name")).to_have_text("admin")
         # ... and opens the attacker's page, which fires its requests at labq
+        seen = _labq_responses(ctx, system)
         page = ctx.new_page()
         page.goto(attacker.url("/cats"))
         outcome = page.evaluate("([api, id]) => window.attack(api, id)",
                                 [system.url, victims["id"]])
-        # The no-cors requests did leave the browser (with the cookie: same site) ...
-        assert outcome[:3] == ["sent:opaque"] * 3, outcome
-        assert outcome[3] == "blocked", outcome  # the PUT needs a CORS preflight
+        assert "blocked" not in outcome[:11], outcome  # all of these left the browser
+        assert outcome[11] == "blocked", outcome  # the PUT: refused by the CORS preflight
+        expected = sorted((m, p.format(id=victims["id"])) for m, p in ATTACKED)
+
+        def attacked() -> list[tuple[str, str, int]]:
+            page.evaluate("0")  # a round trip: Playwright hands over the events meanwhile
+            return [s for s in seen if s[:2] in set(expected)]
+
+        wait_until(lambda: len(attacked()) >= len(expected), timeout=30,
+                   message="labq to answer every request of the attack page")
+        # labq refused every one of them itself (CSRF and origin checks): 403, not a
+        # missing route (405), a body it could not read (400) or no cookie (401)
+        answers = attacked()
+        assert sorted(a[:2] for a in answers) == expected, answers
+        assert [a for a in answers if a[2] != 403] == [], answers
+        # The stop a browser will not send without a preflight: had it gone out anyway
+        # (the browser's cookie, the attacker's Origin, no CSRF token), labq refuses it too.
+        origin = {"Origin": attacker.url("").rstrip("/")}
+        put = ctx.request.put(f"/api/v1/jobs/{victims['id']}/state", headers=origin,
+                              data={"state": "stopped"})
+        assert put.status == 403, put.text()
+        revoke = ctx.request.delete(f"/api/v1/tokens/{min(tokens_before)}", headers=origin)
+        assert revoke.status == 403, revoke.text()
+        # The victim is still signed in, as themselves
+        me = own.evaluate("async () => (await fetch('/api/v1/me')).json()")
+        assert me["name"] == "admin", me
     finally:
         ctx.close()
-    # ... but nothing was started and the victim's job still runs
-    after = {j["id"] for j in system.http.get(system.api("/api/v1/jobs?limit=500"),
-                                              timeout=10).json()["jobs"]}
-    assert after == before
+    # ... nothing was started or re-run, no token was made or revoked, the job still runs
+    assert _job_ids(system) == jobs_before
+    assert _token_ids(system) == tokens_before
     assert system.job(victims["id"])["state"] == "started"
     system.set_state(victims["id"], "stopped")
+
+
+def _job_ids(system) -> set[str]:  # noqa: ANN001
+    resp = system.http.get(system.api("/api/v1/jobs?limit=500"), timeout=10)
+    return {j["id"] for j in resp.json()["jobs"]}
+
+
+def _token_ids(system) -> set[int]:  # noqa: ANN001
+    return {t["id"] for t in system.http.get(system.api("/api/v1/tokens"),
+                                             timeout=10).json()["tokens"]}
 
 
 def test_a_framed_page_is_refused(browser, system, attacker, admin_password) -> None:  # noqa: ANN001
