@@ -66,7 +66,7 @@ class EventApplier(threading.Thread):
             return
         # A database error propagates: the session ends unacked and the event comes back.
         if isinstance(event, LifecycleEvent) and self.registry.apply_event(event):
-            self.hub.publish("wake")
+            self.hub.wake()  # the event feed reads it now
             if self.notifier is not None and is_terminal(event.state):
                 self.notifier.job_ended(job_to_json(self.registry.get(event.job_id)))
         channel.basic_ack(method.delivery_tag)

@@ -2,7 +2,8 @@
 
 Status events are transient and only useful live, so this thread binds an exclusive,
 auto-deleted queue of its own to ``*.status`` on the events exchange (every backend
-process sees every tick) and hands each one to the in-process :class:`Hub`.
+process sees every tick) and hands each one to the in-process :class:`Hub`, which
+passes it to the streams of the job's owner and of admins.
 """
 
 from __future__ import annotations
@@ -52,4 +53,4 @@ class StatusBroadcaster(threading.Thread):
         except DecodeError as exc:
             log.debug("ignoring an undecodable status event: %s", exc.message)
             return
-        self.hub.publish("status", event.to_dict())
+        self.hub.publish_status(event.to_dict())

@@ -1,20 +1,31 @@
-"""``labq backend``: the Flask app under gunicorn, started programmatically.
+"""``labq backend``: the Flask app under gunicorn's gevent worker, started programmatically.
 
-One process with ``settings.backend_threads`` threads (gthread): every open event or
-log stream holds a thread, and the event applier, outbox relay and status broadcaster
-run as threads of that same process, started after gunicorn forked it. SIGTERM or
-SIGINT ends open streams and background threads, then gunicorn exits cleanly.
+One process; every request and every open event or log stream is a greenlet, so open
+streams cost a socket and an inbox each, not a thread: a thousand browser tabs leave the
+API as fast as with none. The gevent worker monkey-patches the standard library before
+the app is imported into it, so the background threads (event applier, outbox relay,
+reconciler, status broadcaster with their pika BlockingConnections; the event feed and
+log watcher) are greenlets too, SQLAlchemy's pool waits cooperatively, and psycopg 3
+(from 3.1.14) waits on PostgreSQL cooperatively by itself. SQLite's calls are short and
+run in place.
+
+The worker keeps room for ``LABQ_MAX_STREAMS`` streams plus 1,000 other connections,
+gives a client ``LABQ_HEADER_TIMEOUT_S`` to send its headers and holds request bodies to
+the deadlines of backend/slowclients.py. SIGTERM or SIGINT ends open streams and
+background threads, then gunicorn exits cleanly.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import signal
+import warnings
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.ggevent import GeventWorker
 
-from labq.backend.app import create_app
 from labq.shared.hardening import protect_process
 from labq.shared.logs import setup_logging
 from labq.shared.settings import Settings
@@ -23,10 +34,36 @@ log = logging.getLogger(__name__)
 
 #: Seconds gunicorn lets in-flight requests finish after SIGTERM.
 GRACEFUL_TIMEOUT_S = 10
+#: File descriptors the process needs besides its connections (database, logs, broker).
+SPARE_FILES = 256
+#: Connections kept for everything that is not a stream, on top of LABQ_MAX_STREAMS.
+API_CONNECTIONS = 1000
+
+
+class LabqGeventWorker(GeventWorker):
+    def patch(self) -> None:
+        # The CLI imported requests (and so ssl) before gunicorn forked this worker; no
+        # SSL object exists yet, so patching now is safe, and the warning only noise.
+        from gevent.monkey import MonkeyPatchWarning
+
+        warnings.filterwarnings("ignore", category=MonkeyPatchWarning)
+        super().patch()
+        # urllib3 (imported with requests) still names the unpatched SSLContext, whose
+        # options setter then recurses forever: every HTTPS client made in this worker
+        # (webhooks, boto3 for LABQ_STORAGE=s3) would die. Point it at gevent's class.
+        import ssl
+
+        import urllib3.util.ssl_
+
+        urllib3.util.ssl_.SSLContext = ssl.SSLContext  # type: ignore[misc]
 
 
 def _post_worker_init(worker: Any) -> None:
-    """Make SIGTERM/SIGINT also end open streams, which would otherwise hold the exit."""
+    """Make SIGTERM/SIGINT also end open streams, which would otherwise hold the exit.
+
+    Only a flag is set here (a signal may arrive while the hub's lock is held); the
+    event feed sees it within a poll and closes every stream.
+    """
     svc = worker.wsgi.extensions["labq"]
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         previous = signal.getsignal(signum)
@@ -46,6 +83,25 @@ def _worker_exit(_server: Any, worker: Any) -> None:
         log.info("backend stopped")
 
 
+def connections(settings: Settings) -> int:
+    return settings.max_streams + API_CONNECTIONS
+
+
+def raise_open_files(needed: int) -> int:
+    """Lift the soft limit on open files to what the connections need (a usual default
+    is 1,024); returns the limit in force. The forked worker inherits it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    if soft < needed:
+        log.warning("only %d open files allowed (ulimit -n); %d connections need %d: "
+                    "raise the hard limit or lower LABQ_MAX_STREAMS", soft,
+                    needed - SPARE_FILES, needed)
+    return soft
+
+
 class BackendServer(BaseApplication):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -56,11 +112,14 @@ class BackendServer(BaseApplication):
         options = {
             "bind": f"{s.host}:{s.port}",
             "workers": 1,
-            "worker_class": "gthread",
-            "threads": s.backend_threads,
+            "worker_class": LabqGeventWorker,
+            "worker_connections": connections(s),
             "timeout": 60,
             "graceful_timeout": GRACEFUL_TIMEOUT_S,
-            "keepalive": 5,
+            # The gevent worker bounds reading a request's headers by this (and idle
+            # keep-alive connections): the header timeout.
+            "keepalive": max(1, round(s.header_timeout_s)),
+            "backlog": 2048,
             "loglevel": s.log_level.lower(),
             "errorlog": "-",
             "accesslog": "-" if s.log_level.upper() == "DEBUG" else None,
@@ -76,13 +135,22 @@ class BackendServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        # Runs in the worker process: the threads and connections belong to it.
-        return create_app(self.settings, start_background=True)
+        # Runs in the worker, after gevent patched it: the app, its threads and its
+        # connections belong to the worker and are cooperative.
+        from labq.backend.app import create_app
+        from labq.backend.slowclients import BodyDeadline
+
+        s = self.settings
+        app = create_app(s, start_background=True)
+        app.wsgi_app = BodyDeadline(app.wsgi_app, s.body_timeout_s,  # type: ignore[method-assign]
+                                    s.body_min_bytes_per_s)
+        return app
 
 
 def run(settings: Settings) -> int:
     setup_logging("backend", settings.log_level)
     protect_process()  # inherited by gunicorn's forked worker
+    raise_open_files(connections(settings) + SPARE_FILES)
     log.info("labq backend on http://%s:%s (data in %s, prefix %s)", settings.host,
              settings.port, settings.data_dir, settings.prefix)
     try:

@@ -1,8 +1,9 @@
 """The backend's long-lived objects, built once per process and kept on the Flask app.
 
 Views reach them with :func:`services` (``current_app.extensions["labq"]``); the
-background threads (event applier, outbox relay, status broadcaster) are started here
-when the app is served, and stopped by :meth:`Services.shutdown`.
+background threads (event applier, outbox relay, reconciler, status broadcaster, and
+the event feed and log watcher that serve every open stream) are started here when the
+app is served, and stopped by :meth:`Services.shutdown`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from sqlalchemy import Engine, text
 
 from labq.backend.applier import EventApplier
 from labq.backend.broadcast import StatusBroadcaster
+from labq.backend.feed import EventFeed, Owners
 from labq.backend.hub import Hub
+from labq.backend.logwatch import LogWatcher
 from labq.backend.notify import Notifier
 from labq.backend.registry import Registry
 from labq.backend.streams import StreamSlots
@@ -44,22 +47,29 @@ class Services:
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
     notifier: Notifier | None = None
+    #: Job id → owner, shared by the event feed and the status broadcaster.
+    owners: Owners | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
-        storage = Storage(settings.data_dir).ensure()
+        storage = Storage.from_settings(settings).ensure()
         engine = make_engine(settings)
+        owners = Owners(engine)
         return cls(settings=settings, engine=engine, storage=storage,
                    registry=Registry(engine, storage, settings),
                    publisher=Publisher(settings, name="labq-backend-publisher"),
-                   streams=StreamSlots.for_settings(settings.max_streams,
-                                                    settings.backend_threads))
+                   hub=Hub(owner_of=owners), owners=owners,
+                   streams=StreamSlots(settings.max_streams))
 
     def start_background(self) -> None:
         if self.threads:
             return
         self.notifier = Notifier(self.settings, self.stop)
+        feed = EventFeed(self.engine, self.hub, self.owners or Owners(self.engine), self.stop)
+        feed.start_at_latest()
         self.threads = [
+            feed,
+            LogWatcher(self.engine, self.storage, self.hub, self.stop),
             EventApplier(self.settings, self.registry, self.hub, self.stop,
                          notifier=self.notifier),
             OutboxRelay(self.settings, self.engine, self.publisher, self.stop),
@@ -77,6 +87,7 @@ class Services:
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self.stop.set()
+        self.hub.close_all()
         for thread in self.threads:
             thread.join(timeout_s)
         if self.notifier is not None:

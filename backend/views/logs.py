@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, request
 
+from labq.backend.params import whole_number
 from labq.backend.scope import visible_job
 from labq.backend.services import services
 from labq.backend.sse import log_stream
 from labq.backend.streams import sse_response
-from labq.shared.errors import BadRequestError
 
 bp = Blueprint("logs", __name__, url_prefix="/api/v1/jobs")
 
@@ -19,15 +19,10 @@ CHUNK = 256 * 1024
 
 
 def _offset() -> int:
-    raw = request.args.get("offset") or request.headers.get("Last-Event-ID") or "0"
-    try:
-        offset = int(raw)
-    except ValueError:
-        raise BadRequestError(f"offset must be a whole number, got {raw!r}",
-                              field="offset") from None
-    if offset < 0:
-        raise BadRequestError("offset must be 0 or more", field="offset")
-    return offset
+    """``offset``, else Last-Event-ID (a reconnecting EventSource), else 0; a malformed
+    one of either is a 400 even when the other is given."""
+    resumed = whole_number(request.headers.get("Last-Event-ID"), "Last-Event-ID", default=0)
+    return whole_number(request.args.get("offset"), "offset", default=resumed)
 
 
 def wants_stream() -> bool:
@@ -46,7 +41,7 @@ def show(job_id: str) -> Response:
     if wants_stream():
         if opened is not None:
             opened.close()
-        return sse_response(svc.streams, log_stream(svc, job_id, offset))
+        return sse_response(svc.streams, lambda link: log_stream(svc, job_id, offset, link))
     size = os.fstat(opened.fileno()).st_size if opened is not None else 0
 
     def body() -> Iterator[bytes]:
