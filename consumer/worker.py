@@ -40,6 +40,7 @@ from tenacity import (
     wait_random,
 )
 
+from labq.consumer import maintenance
 from labq.consumer.delivery import (
     Delivery,
     Plan,
@@ -58,9 +59,9 @@ from labq.process_unit.runner import run_job
 from labq.process_unit.sandbox import TOKEN_VAR
 from labq.shared.errors import ConfigError, DecodeError, LabqError
 from labq.shared.hardening import protect_process
-from labq.shared.lifecycle import Action, RunResult, State
+from labq.shared.lifecycle import Action, RunResult
 from labq.shared.logs import setup_logging
-from labq.shared.messages import ControlMessage, JobMessage, LifecycleEvent, StatusEvent, event_seq
+from labq.shared.messages import ControlMessage, JobMessage, LifecycleEvent, event_seq
 from labq.shared.settings import Settings
 from labq.shared.storage import Storage
 from labq.shared.topology import Topology, connect
@@ -110,10 +111,14 @@ class Worker:
         self.stopping = False
         self.shutdown_deadline = 0.0
         self.schedule = Schedule(
-            Task("touch sandbox report", REPORT_EVERY_S, self._touch_report),
-            Task("publish job status", settings.status_interval_s, self._publish_status),
-            Task("check stop marker", SWEEP_S, self._check_stop_marker),
-            Task("sweep orphans", SWEEP_S, self._sweep_orphans),
+            Task("touch sandbox report", REPORT_EVERY_S,
+                 lambda: maintenance.touch_report(self._report_path)),
+            Task("publish job status", settings.status_interval_s,
+                 lambda: maintenance.publish_status(self.link, self.current, self.name)),
+            Task("check stop marker", SWEEP_S,
+                 lambda: maintenance.check_stop_marker(self.storage, self.current)),
+            Task("sweep orphans", SWEEP_S,
+                 lambda: maintenance.sweep_orphans(busy=self.current is not None)),
         )
 
     # -- entry point ------------------------------------------------------------------
@@ -239,38 +244,6 @@ class Worker:
             parked, self.parked = self.parked, None
             self._begin(parked)
         self.schedule.tick()
-
-    # -- periodic tasks ---------------------------------------------------------------
-    def _touch_report(self) -> None:
-        with contextlib.suppress(OSError):  # the backend shows reports touched recently
-            os.utime(self._report_path)
-
-    def _publish_status(self) -> None:
-        d = self.current
-        status = d.control.status if d is not None else None
-        if d is None or status is None or not self.link.online() \
-                or status.state not in (State.STARTED, State.PAUSED):
-            return
-        self.link.publish_status(StatusEvent(
-            job_id=d.job.job_id, state=status.state, elapsed_s=status.elapsed_s,
-            attempt=d.attempt, worker=self.name, memory_mb=status.memory_mb,
-            cpu_s=status.cpu_s))
-
-    def _check_stop_marker(self) -> None:
-        # The stop may have been asked while our channel was down (its control message
-        # unroutable): the marker on the data dir still reaches us.
-        d = self.current
-        if d is not None and not d.done.is_set() and not d.control.stop_requested \
-                and self.storage.is_cancelled(d.job.job_id):
-            log.info("job %s has a stop marker; stopping it", d.job.job_id)
-            d.control.request(Action.STOP)
-
-    def _sweep_orphans(self) -> None:
-        # Also while busy: an orphan of a SIGKILLed worker on this host should not keep
-        # running until some worker happens to be idle.
-        if self.current is None:  # a running job's Popen must reap its own child
-            proctree.reap_zombies()
-        proctree.sweep_orphans(TOKEN_VAR)
 
     # -- deliveries -------------------------------------------------------------------
     def _on_delivery(self, channel: Any, method: Any, _props: Any, body: bytes) -> None:
