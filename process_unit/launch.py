@@ -11,21 +11,22 @@ Doing this in a separate program instead of a ``preexec_fn`` keeps the worker (a
 threaded process) from running Python code between fork and exec, which can deadlock.
 
 Only the standard library is imported: this runs before the job's environment exists
-in any meaningful sense, with ``-I -S`` so nothing from labq or site-packages loads.
+in any meaningful sense, with ``-I -S`` so nothing from labq or site-packages loads. It
+runs once per job, so it imports no more than a plain job needs (the modules of the
+network set-up are imported only for a network job, still as root: after the uid switch
+the worker's interpreter folder, e.g. /root/.pyenv, may be closed to the job).
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl  # imported here, as root: after the uid switch /root/.pyenv may be closed
 import os
 import resource
-import signal
-import socket
-import struct
 import sys
 
 PR_SET_PDEATHSIG = 1
+#: signal.SIGKILL on Linux (the signal module would pull in enum: a few ms per job).
+SIGKILL = 9
 PR_SET_DUMPABLE = 4
 #: Exit status when the worker died before the death signal was armed.
 EXIT_PARENT_GONE = 70
@@ -93,11 +94,23 @@ CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 
+def _load_network_modules() -> None:
+    """Import what :func:`_own_network` uses while still root: once in ``sys.modules``
+    a module needs no file access after the uid switch."""
+    import fcntl  # noqa: F401
+    import socket  # noqa: F401
+    import struct  # noqa: F401
+
+
 def _own_network(ready_fd: int, block_fd: int) -> None:
     """Enter a new user + network namespace, bring its loopback up, tell the worker our
     pid (on ``ready_fd``) and wait (on ``block_fd``) until it gave the namespace a route
     out (slirp4netns). bwrap, exec'd next without ``--unshare-net``, keeps this network.
     Done here, in a process that waits for sure, so no race with the job's start."""
+    import fcntl
+    import socket
+    import struct
+
     libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.getuid(), os.getgid()
     # The switch from root made us non-dumpable, which hands /proc/self to root: we
@@ -126,6 +139,8 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     parent, cpus, program = opts["parent"], opts["cpus"], opts["program"]
     try:
+        if opts["netns"]:
+            _load_network_modules()  # as root, before _box switches the uid
         _box(opts)
         if opts["netns"]:
             _own_network(*opts["netns"])
@@ -133,7 +148,7 @@ def main(argv: list[str]) -> int:
         print(f"labq launch: could not set up the job's sandbox: {exc}", file=sys.stderr)
         return EXIT_SETUP
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0:
         print("labq launch: prctl(PR_SET_PDEATHSIG) failed", file=sys.stderr)
     # The parent may have died between fork and prctl: then no signal would ever come.
     if parent and os.getppid() != parent:

@@ -171,7 +171,7 @@ def run_job(job: JobMessage, settings: Settings, emit: Emit, control: Control, *
 
     ``sandbox``: the worker's :class:`HostSandbox` (None: no sandbox, as in unit tests).
     """
-    storage = storage or Storage(settings.data_dir).ensure()
+    storage = storage or Storage.from_settings(settings).ensure()
     sandbox = sandbox or HostSandbox.off(settings)
     settings = sandbox.settings
     envs = envs or EnvCache(settings, storage, sandbox.build_box())
@@ -202,17 +202,16 @@ def run_job(job: JobMessage, settings: Settings, emit: Emit, control: Control, *
 def _run(run: _Run, job: JobMessage, settings: Settings, storage: Storage, envs: EnvCache,
          workspace: Path, log_file: BinaryIO) -> RunResult:
     control = run.control
-    # Orphans of an earlier attempt whose worker died must be gone before this one runs.
-    proctree.kill_job_leftovers(job.job_id, sandbox.TOKEN_VAR)
+    # Orphans of an earlier attempt whose worker died must be gone before this one runs
+    # (a first attempt has none: no process of a job starts before its attempt is noted).
+    if run.attempt > 1:
+        proctree.kill_job_leftovers(job.job_id, sandbox.TOKEN_VAR)
     if workspace.exists():
         shutil.rmtree(workspace)
     project = workspace / "project"
-    bundle = storage.bundle_path(job.bundle_sha256)
-    if not bundle.exists():
-        raise LabqError(f"the job's bundle {job.bundle_sha256[:12]} is missing from the data dir")
-    # What is run must be what was uploaded: a bundle changed on the volume is refused.
-    storage.verify_bundle(job.bundle_sha256)
-    extract_bundle(bundle, project, BundleLimits.from_settings(settings))
+    # What is run must be what was uploaded: a bundle changed in storage is refused.
+    with storage.fetched_bundle(job.bundle_sha256, workspace) as bundle:
+        extract_bundle(bundle, project, BundleLimits.from_settings(settings))
     prepare_output(project)
     if control.stop_requested:
         _note(log_file, "stopped by the user before it ran")
@@ -260,13 +259,9 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
         try:
             verdict = _supervise(run, sup, log_file)
         finally:
-            if sup.processes():  # never leave anything of the job behind
-                sup.kill_now()
+            _end_tree(sup, box)
             run.publish_status(None)
     sup.wait()
-    # Anything the job left running (in its cgroup or as its uid) goes before its
-    # output/ is read: nothing of the job can change what labq stores as results.
-    box.kill()
     if verdict == Verdict.EXITED and box.out_of_memory():
         verdict = Verdict.MEMORY
         peak = box.cgroup.peak_bytes() if box.cgroup else None
@@ -274,6 +269,23 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
             run.memory_mb = round(peak / MIB)
     run.usage.finish()
     return _conclude(run, sup, verdict, project, log_file)
+
+
+def _end_tree(sup: Supervisor, box: JobBox) -> None:
+    """Never leave anything of the job behind, and do it before its output/ is read:
+    nothing of the job can change what labq stores as results. The box sees every
+    process of the run (its cgroup and its uid, which no setsid or double fork leaves);
+    without one, the supervisor's tree walk finds them."""
+    sup.kill_main()  # in case it ended early, before the launcher joined the box
+    if box.cgroup is not None or box.lease is not None:
+        box.kill()
+    elif sup.processes():
+        sup.kill_now()
+    if box.jail.bwrap is None:
+        # Orphans re-parented to us (the subreaper) are zombies until reaped; inside
+        # bwrap they belong to the job's own pid namespace instead.
+        proctree.reap_zombies(skip={sup.pid} if sup.popen and sup.popen.returncode is None
+                              else set())
 
 
 def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict:
@@ -370,7 +382,7 @@ def _conclude(run: _Run, sup: Supervisor, verdict: Verdict, project: Path,
         _note(log_file, error)
     try:
         size = store_results(run.storage, run.job.job_id, project / OUTPUT_DIR,
-                             run.job.spec.max_output_bytes)
+                             run.job.spec.max_output_bytes, scratch=project.parent)
         _note(log_file, f"stored {size} bytes of output/")
     except BundleTooLargeError as exc:
         _note(log_file, f"results not stored: {exc.message}")

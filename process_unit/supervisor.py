@@ -11,6 +11,7 @@ grace), and measure its memory. Exit statuses are classified by :func:`classify`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -25,6 +26,9 @@ from labq.process_unit import proctree
 from labq.process_unit.sandbox import TOKEN_VAR, Command
 
 log = logging.getLogger(__name__)
+
+#: How often :meth:`Supervisor.poll` collects zombie orphans (it reads all of /proc).
+REAP_EVERY_S = 1.0
 
 
 def new_token() -> str:
@@ -77,6 +81,8 @@ class Supervisor:
         self.started_at = 0.0
         #: Set the moment the main process has exited (and been reaped).
         self.exited = threading.Event()
+        self._next_reap = 0.0
+        self._pidfd: int | None = None
 
     # -- lifecycle --------------------------------------------------------------
     def start(self, on_exit: Callable[[], None] | None = None) -> None:
@@ -94,6 +100,9 @@ class Supervisor:
             pass_fds=self.command.pass_fds,
         )
         self.started_at = time.monotonic()
+        self._next_reap = self.started_at + REAP_EVERY_S
+        # Opened before the exit thread can reap it, so it names this process for sure.
+        self._pidfd = os.pidfd_open(self.popen.pid)
         log.info("started pid %d: %s", self.popen.pid, " ".join(self.command.argv[-3:]))
         threading.Thread(target=self._wait_exit, args=(self.popen, on_exit), daemon=True,
                          name=f"exit-{self.popen.pid}").start()
@@ -113,11 +122,22 @@ class Supervisor:
         return self.popen.pid if self.popen else 0
 
     def poll(self) -> int | None:
-        """The main process's return code once it exited, else None (reaps strays too)."""
+        """The main process's return code once it exited, else None (reaps strays too,
+        every REAP_EVERY_S: each reap reads all of /proc)."""
         assert self.popen is not None
         code = self.popen.poll()
-        proctree.reap_zombies(skip={self.pid} if code is None else set())
+        now = time.monotonic()
+        if now >= self._next_reap:
+            self._next_reap = now + REAP_EVERY_S
+            proctree.reap_zombies(skip={self.pid} if code is None else set())
         return code
+
+    def kill_main(self) -> None:
+        """SIGKILL the main process if it still runs (through its pidfd: never another
+        process that got its pid after it was reaped)."""
+        if self._pidfd is not None and not self.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def processes(self) -> dict[int, proctree.Proc]:
         if self.finder is not None:
@@ -185,4 +205,8 @@ class Supervisor:
 
     def wait(self) -> int:
         assert self.popen is not None
-        return self.popen.wait()
+        code = self.popen.wait()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        return code
