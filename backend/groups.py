@@ -100,7 +100,7 @@ def create_rerun(svc: Any, old: dict[str, Any], overrides: Any,
                  owner: str | None = None) -> dict[str, Any]:
     """Re-run ``old`` (a job row the caller may see) as a new job of ``owner``."""
     job_id = old["id"]
-    if not svc.storage.bundle_path(old["bundle_sha256"]).exists():
+    if not svc.storage.has_bundle(old["bundle_sha256"]):
         raise NotFoundError(f"the bundle of job {job_id} is no longer stored; upload it again")
     spec = rerun_spec(old, overrides, svc.settings)
     job, _ = svc.registry.create(

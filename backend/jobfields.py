@@ -6,7 +6,6 @@ lifecycle; :func:`extra_fields` is merged into it.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from labq.shared.durations import durations
@@ -34,12 +33,7 @@ def has_results(storage: Storage, row: dict[str, Any]) -> bool:
     """True when the job left at least one result file (an empty output/ is nothing)."""
     if row["state"] != "stopped":
         return False
-    folder = storage.results_dir(row["id"])
-    try:
-        with os.scandir(folder) as entries:
-            return any(True for _ in entries)
-    except OSError:
-        return False
+    return storage.has_results(row["id"], settled=True)
 
 
 def jobs_json(svc: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -96,7 +96,7 @@ class Worker:
         self.sandbox = HostSandbox.start(settings)
         settings = self.sandbox.settings
         self.settings = settings
-        self.storage = Storage(settings.data_dir).ensure()
+        self.storage = Storage.from_settings(settings).ensure()
         self.name = worker_name(settings)
         #: Named on every event, so the job's record says which machine ran it.
         self.host = socket.gethostname()

@@ -396,26 +396,3 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def regular_files(folder: Path) -> Iterator[tuple[str, IO[bytes]]]:
-    """(relative posix path, open file) of every regular file under ``folder``, sorted.
-
-    Written by jobs, these folders may hold symlinks, FIFOs or devices: nothing is
-    followed (``O_NOFOLLOW``, no symlinked folders), only regular files are yielded,
-    and a ``folder`` that is itself a symlink yields nothing.
-    """
-    if folder.is_symlink() or folder.parent.is_symlink() or not folder.is_dir():
-        return
-    for current, dirs, names in os.walk(folder, followlinks=False):
-        here = Path(current)
-        dirs[:] = sorted(d for d in dirs if not (here / d).is_symlink())
-        for name in sorted(names):
-            path = here / name
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                continue
-            with os.fdopen(fd, "rb") as handle:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    yield path.relative_to(folder).as_posix(), handle

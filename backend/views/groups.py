@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
-from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request, send_file
 
@@ -15,7 +14,7 @@ from labq.backend.jobfields import jobs_json
 from labq.backend.scope import visible_group, visible_job
 from labq.backend.services import services
 from labq.shared.errors import BadRequestError, NotFoundError
-from labq.shared.storage import regular_files
+from labq.shared.storage import Storage
 
 bp = Blueprint("groups", __name__)
 
@@ -27,12 +26,15 @@ def show(group_id: str) -> Response:
     return jsonify({**group_summary(group_id, rows), "jobs": jobs_json(svc, rows)})
 
 
-def _add_folder(zf: zipfile.ZipFile, root: Path, prefix: str) -> int:
-    """Add the regular files under ``root`` (no symlink followed); returns how many."""
+def _add_results(zf: zipfile.ZipFile, storage: Storage, job_id: str, prefix: str) -> int:
+    """Add the job's result files, streamed from storage; returns how many."""
     count = 0
-    for relative, handle in regular_files(root):
-        with zf.open(f"{prefix}/{relative}", "w", force_zip64=True) as out:
-            while chunk := handle.read(1024 * 1024):
+    for relative, listed in storage.result_files(job_id):
+        blob = storage.blobs.open(listed.key)
+        if blob is None:  # removed since it was listed
+            continue
+        with blob, zf.open(f"{prefix}/{relative}", "w", force_zip64=True) as out:
+            for chunk in blob.chunks():
                 out.write(chunk)
         count += 1
     return count
@@ -45,8 +47,8 @@ def results(group_id: str) -> Response:
     rows = visible_group(group_id)
     handle = tempfile.TemporaryFile(dir=svc.storage.root)  # noqa: SIM115 - sent, then closed
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        count = sum(_add_folder(zf, svc.storage.results_dir(r["id"]),
-                                f"{r['id'][:8]}-{r['name']}".replace("/", "_"))
+        count = sum(_add_results(zf, svc.storage, r["id"],
+                                 f"{r['id'][:8]}-{r['name']}".replace("/", "_"))
                     for r in rows if r["state"] == "stopped")
     if not count:
         handle.close()

@@ -9,9 +9,7 @@ result file. The worker writes ``environment.json`` and ``usage.json`` beside th
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
@@ -20,14 +18,14 @@ from labq.backend.registry import iso
 from labq.backend.scope import visible_job
 from labq.backend.services import services
 from labq.shared import db
+from labq.shared.blobstore import content_sha256
 from labq.shared.durations import durations
 from labq.shared.errors import NotFoundError
-from labq.shared.storage import Storage, regular_files
+from labq.shared.storage import Storage
 
 bp = Blueprint("receipts", __name__, url_prefix="/api/v1/jobs")
 
 RECEIPT_VERSION = 1
-HASH_CHUNK = 1024 * 1024
 
 
 def read_job_json(storage: Storage, job_id: str, name: str) -> dict[str, Any] | None:
@@ -42,16 +40,17 @@ def read_job_json(storage: Storage, job_id: str, name: str) -> dict[str, Any] | 
     return data if isinstance(data, dict) else None
 
 
-def result_hashes(folder: Path) -> list[dict[str, Any]]:
-    """sha256 and size of every regular file under ``folder``; symlinks never followed."""
+def result_hashes(storage: Storage, job_id: str) -> list[dict[str, Any]]:
+    """sha256 and size of every result file: the sha256 the worker recorded when it
+    stored the file in an object store, else (the volume) hashed from the content."""
     found = []
-    for relative, handle in regular_files(folder):
-        digest = hashlib.sha256()
-        size = 0
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-        found.append({"path": relative, "size": size, "sha256": digest.hexdigest()})
+    for relative, listed in storage.result_files(job_id):
+        info = listed if storage.on_volume else storage.blobs.info(listed.key)
+        sha = info.sha256 if info is not None else None
+        if sha is None:
+            sha = content_sha256(storage.blobs, listed.key)
+        if sha is not None:  # None: removed since it was listed
+            found.append({"path": relative, "size": listed.size, "sha256": sha})
     return found
 
 
@@ -83,7 +82,7 @@ def build_receipt(storage: Storage, row: dict[str, Any]) -> dict[str, Any]:
         "exit_code": row["exit_code"],
         "peak_rss_mb": row.get("peak_rss_mb"),
         "cpu_s": row.get("cpu_s"),
-        "results": result_hashes(storage.results_dir(row["id"])) if ended else [],
+        "results": result_hashes(storage, row["id"]) if ended else [],
         "complete": ended and bool(env),
     }
 
