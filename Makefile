@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(BIN)/labq broker-check
 	$(BIN)/python bench/load.py $(BENCH_ARGS)
 	$(BIN)/python bench/auth_get.py
+	$(BIN)/python bench/job_overhead.py
+	$(BIN)/python bench/scale_out.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache build dist

@@ -11,6 +11,7 @@ comes from ``tests/``: a benchmark stands on labq alone.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -59,6 +60,75 @@ def load_note() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid: int, tree: bool = False) -> float:
+    """CPU time of ``pid`` (user + system, with its reaped children's), and with
+    ``tree`` of every live descendant too (gunicorn's workers under its master)."""
+    pids = [pid]
+    if tree:
+        children: dict[int, list[int]] = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit() and (fields := _stat(int(name))):
+                children.setdefault(int(fields[1]), []).append(int(name))
+        todo = [pid]
+        while todo:
+            kids = children.get(todo.pop(), [])
+            pids += kids
+            todo += kids
+    total = 0
+    for one in pids:
+        fields = _stat(one)
+        if fields:
+            total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / TICKS
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ node's process (beam.smp), if it runs on this machine."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if Path(f"/proc/{name}/comm").read_text().strip() == "beam.smp":
+                    return int(name)
+            except OSError:
+                continue
+    return None
+
+
+class CpuMeter:
+    """CPU seconds used by each part of a Stack (its workers with their jobs, the
+    backend, the local broker) between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.parts: dict[str, tuple[int, bool]] = {
+            f"worker {i + 1} (with its jobs)": (w.pid, False)
+            for i, w in enumerate(stack.workers)}
+        if stack.backend is not None:
+            self.parts["backend"] = (stack.backend.pid, True)
+        if (broker := broker_pid()) is not None:
+            self.parts["broker (all of its work)"] = (broker, False)
+        self._start: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {k: cpu_seconds(pid, tree) for k, (pid, tree) in self.parts.items()}
+
+    def stop(self) -> dict[str, float]:
+        self.used = {k: cpu_seconds(pid, tree) - self._start[k]
+                     for k, (pid, tree) in self.parts.items()}
+        return self.used
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -93,10 +163,10 @@ class Events:
 
     def _read(self) -> None:
         while not self._closed:
-            try:
+            # It broke, the server ended it, or close() closed it.
+            with contextlib.suppress(requests.RequestException, OSError, ValueError,
+                                     AttributeError):
                 self._consume(self._resp)
-            except (requests.RequestException, OSError, ValueError, AttributeError):
-                pass  # the stream broke (or close() closed it)
             if self._closed:
                 return
             time.sleep(0.05)
