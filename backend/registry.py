@@ -7,15 +7,15 @@ thread won the race, so concurrent requests and events never lose an update.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 
+from labq.backend import search
 from labq.backend.jobfields import extra_fields
 from labq.producer import fairshare
 from labq.producer.control import WorkerUnreachableError, send_control
@@ -56,34 +56,13 @@ class Registry:
     def list(self, *, state: str | None = None, name: str | None = None,
              limit: int | None = None, cursor: str | None = None, owner: str | None = None
              ) -> tuple[list[dict[str, Any]], str | None]:
-        """Newest first, keyset-paginated on (created_at, id); ``owner`` None: everyone's."""
+        """Newest first, keyset-paginated on (created_at, id); ``owner`` None: everyone's.
+        (The one query behind it, with every filter, is :func:`backend.search.search`.)"""
         limit = DEFAULT_LIMIT if limit is None else limit
         if not 1 <= limit <= MAX_LIMIT:
             raise BadRequestError(f"limit must be between 1 and {MAX_LIMIT}", field="limit")
-        query = select(db.jobs)
-        if state:
-            try:
-                query = query.where(db.jobs.c.state == State(state))
-            except ValueError:
-                raise BadRequestError(
-                    f"unknown state {state!r}; use one of "
-                    f"{', '.join(s.value for s in State)}", field="state") from None
-        if name:
-            query = query.where(db.jobs.c.name == name)
-        if owner:
-            query = query.where(db.jobs.c.owner == owner)
-        if cursor:
-            created, last_id = _decode_cursor(cursor)
-            query = query.where(or_(db.jobs.c.created_at < created,
-                                    and_(db.jobs.c.created_at == created,
-                                         db.jobs.c.id < last_id)))
-        query = query.order_by(db.jobs.c.created_at.desc(), db.jobs.c.id.desc()).limit(limit + 1)
-        with self.engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(query).mappings()]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_cursor = _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
-        return rows, next_cursor
+        args = {"state": state or "", "name": name or "", "cursor": cursor or ""}
+        return search.search(self.engine, args, limit, owner=owner)
 
     def counts(self, owner: str | None = None) -> dict[str, int]:
         query = select(db.jobs.c.state, func.count()).group_by(db.jobs.c.state)
@@ -285,20 +264,3 @@ def job_to_json(row: dict[str, Any], base: str = "/api/v1/jobs") -> dict[str, An
     data["links"].update(extra.pop("links_extra"))
     data.update(extra)
     return data
-
-
-def _encode_cursor(created_at: float, job_id: str) -> str:
-    raw = json.dumps([created_at, job_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, job_id = json.loads(raw)
-        if not isinstance(job_id, str) or isinstance(created, bool):
-            raise ValueError(cursor)
-        return float(created), job_id
-    except (ValueError, TypeError) as exc:
-        raise BadRequestError("cursor is not one this server gave out", field="cursor") from exc
-

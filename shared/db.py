@@ -80,10 +80,14 @@ jobs = Table(
     Column("worker_host", String(255)),
     Index("ix_jobs_created", "created_at", "id"),
     Index("ix_jobs_group", "group_id"),
-    Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
     Index("ix_jobs_owner_created", "owner", "created_at", "id"),
-    Index("ix_jobs_owner_state", "owner", "state"),
+    # Migration 0008: each list filter reads its page in sort order (backend/search.py).
+    Index("ix_jobs_state_created", "state", "created_at", "id"),
+    Index("ix_jobs_owner_state_created", "owner", "state", "created_at", "id"),
+    Index("ix_jobs_outcome_created", "outcome", "created_at", "id"),
+    Index("ix_jobs_run", "run_s", "id"),
+    Index("ix_jobs_stopped", "stopped_at"),
     # Idempotency keys are per user: one user's key never returns another user's job.
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_key"),
 )
