@@ -10,7 +10,6 @@ from labq.backend import auth, websecurity
 from labq.backend.accounts import ensure_admin
 from labq.backend.errors import register_error_handlers
 from labq.backend.openapi import build_spec
-from labq.backend.openapi_research import extend as extend_spec
 from labq.backend.services import Services
 from labq.backend.shortids import expand_job_id
 from labq.backend.uploads import LabqRequest, cleanup_uploads
@@ -50,7 +49,7 @@ def create_app(settings: Settings | None = None, start_background: bool = False)
         app.register_blueprint(blueprint)
     for blueprint in (receipts.bp, groups.bp):
         app.register_blueprint(blueprint)
-    spec = extend_spec(build_spec())
+    spec = build_spec(settings)
 
     @app.before_request
     def _short_ids() -> None:

@@ -38,8 +38,13 @@ def check_notify_url(raw: Any, settings: Any) -> str:
     """The URL if it may be used; ManifestError (422) saying why not otherwise."""
     if not isinstance(raw, str) or len(raw) > MAX_URL:
         raise ManifestError("notify_url must be an http(s) URL", field="notify_url")
-    parts = urlsplit(raw.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(raw.strip())
+        hostname = parts.hostname  # both raise ValueError for a broken [IPv6] host
+    except ValueError:
+        raise ManifestError(f"notify_url is not a valid URL, got {raw!r}",
+                            field="notify_url") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise ManifestError(f"notify_url must be an http(s) URL, got {raw!r}",
                             field="notify_url")
     if parts.username or parts.password:
@@ -47,7 +52,7 @@ def check_notify_url(raw: Any, settings: Any) -> str:
                             field="notify_url")
     if not settings.webhook_allow_private:
         try:
-            address = ipaddress.ip_address(parts.hostname)
+            address = ipaddress.ip_address(hostname)
         except ValueError:
             address = None  # a name: checked on every send, when it is resolved
         if address is not None and not address.is_global:

@@ -6,106 +6,159 @@ from __future__ import annotations
 
 from typing import Any
 
-from labq.backend.openapi import JOB_ID, _errors, _json, _ref
+from labq.backend.openapi_parts import (
+    GROUP_ID,
+    INT64_MAX,
+    JOB_ID,
+    MAYBE_STRING,
+    MAYBE_TIME,
+    OUTCOMES,
+    STRING,
+    blank_ok,
+    errors,
+    json_answer,
+    nullable,
+    ref,
+)
+from labq.backend.openapi_paths import LOCATION, ZIP_ANSWER
+from labq.shared.settings import MIB, Settings
 
-NUM = {"type": "number", "nullable": True}
+NUM = nullable({"type": "number"})
 JOB_FIELDS = {
     "durations": {"type": "object", "description": "Seconds per stage, pauses excluded "
                   "from run_s", "properties": {k: NUM for k in (
                       "queued_s", "env_s", "run_s", "paused_s", "total_s")}},
     "peak_rss_mb": {**NUM, "description": "Peak resident memory of the job's processes"},
     "cpu_s": {**NUM, "description": "CPU seconds (user + system) the job used"},
-    "queue_position": {"type": "integer", "nullable": True,
+    "queue_position": {**nullable({"type": "integer", "minimum": 1}),
                        "description": "1-based place among waiting jobs; null unless waiting"},
-    "estimated_start_at": {"type": "string", "format": "date-time", "nullable": True},
-    "waiting_reason": {"type": "string", "nullable": True,
-                       "example": "3 jobs ahead, 2 workers busy"},
-    "group_id": {"type": "string", "nullable": True},
-    "rerun_of": {"type": "string", "nullable": True},
-    "notify_url": {"type": "string", "nullable": True},
+    "estimated_start_at": MAYBE_TIME,
+    "waiting_reason": {**MAYBE_STRING, "examples": ["3 jobs ahead, 2 workers busy"]},
+    "group_id": MAYBE_STRING,
+    "rerun_of": MAYBE_STRING,
+    "notify_url": MAYBE_STRING,
     "has_results": {"type": "boolean", "description": "the job left result files"},
 }
+DATE = {"anyOf": [{"type": "string", "format": "date"},
+                  {"type": "string", "format": "date-time"},
+                  {"type": "string", "maxLength": 0}]}
 SEARCH_PARAMS = [
-    {"name": "q", "in": "query", "schema": {"type": "string"},
+    {"name": "q", "in": "query", "schema": {"type": "string", "maxLength": 200},
      "description": "substring of the name, any case"},
-    {"name": "outcome", "in": "query", "schema": {"type": "string", "enum": [
-        "succeeded", "error", "timeout", "cancelled", "failed"]}},
-    {"name": "since", "in": "query", "schema": {"type": "string"},
-     "description": "created on or after (ISO date or date-time, UTC)"},
-    {"name": "until", "in": "query", "schema": {"type": "string"},
-     "description": "created before"},
-    {"name": "sort", "in": "query", "schema": {"type": "string", "enum": [
-        "created", "-created", "duration", "-duration"]}},
-    {"name": "group", "in": "query", "schema": {"type": "string"}},
+    {"name": "outcome", "in": "query",
+     "schema": blank_ok({"type": "string", "enum": OUTCOMES})},
+    {"name": "since", "in": "query", "schema": DATE,
+     "description": "created on or after (ISO date or date-time; UTC unless it says)"},
+    {"name": "until", "in": "query", "schema": DATE, "description": "created before"},
+    {"name": "sort", "in": "query", "schema": blank_ok({"type": "string", "enum": [
+        "created", "-created", "duration", "-duration"]})},
+    {"name": "group", "in": "query", "schema": {"type": "string"},
+     "description": "only this group's jobs"},
 ]
-RECEIPT = {"type": "object", "properties": {
-    "job_id": {"type": "string"}, "bundle_sha256": {"type": "string"},
-    "entrypoint": {"type": "string"}, "args": {"type": "array", "items": {"type": "string"}},
-    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+RECEIPT = {"type": "object", "required": ["receipt_version", "job_id", "results",
+                                          "complete"], "properties": {
+    "receipt_version": {"type": "integer"},
+    "job_id": STRING, "name": STRING, "bundle_sha256": STRING,
+    "entrypoint": STRING, "args": {"type": "array", "items": STRING},
+    "env": {"type": "object", "additionalProperties": STRING},
     "limits": {"type": "object"},
     "environment": {"type": "object", "properties": {
-        "python": {"type": "string"}, "env_key": {"type": "string"},
-        "packages": {"type": "array", "items": {"type": "string"},
+        "python": MAYBE_STRING, "env_key": MAYBE_STRING,
+        "packages": {**nullable({"type": "array", "items": STRING}),
                      "description": "uv pip freeze of the built environment"}}},
-    "worker": {"type": "string"}, "worker_host": {"type": "string"},
-    "labq_version": {"type": "string"}, "timestamps": {"type": "object"},
-    "exit_code": {"type": "integer", "nullable": True},
+    "worker": MAYBE_STRING, "worker_host": MAYBE_STRING,
+    "labq_version": MAYBE_STRING, "rerun_of": MAYBE_STRING, "group_id": MAYBE_STRING,
+    "timestamps": {"type": "object", "additionalProperties": MAYBE_TIME},
+    "durations": {"type": "object"},
+    "state": STRING, "outcome": MAYBE_STRING,
+    "exit_code": nullable({"type": "integer"}),
+    "peak_rss_mb": NUM, "cpu_s": NUM,
     "results": {"type": "array", "items": {"type": "object", "properties": {
-        "path": {"type": "string"}, "size": {"type": "integer"},
-        "sha256": {"type": "string"}}}}}}
-RERUN = {"required": False, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {
-        "args": {"type": "array", "items": {"type": "string"}},
-        "env": {"type": "object", "additionalProperties": {"type": "string"}},
-        "timeout_s": {"type": "integer"}, "memory_mb": {"type": "integer"},
-        "cpus": {"type": "integer"}, "max_output_mb": {"type": "integer"}}}}}}
-GROUP = {"type": "object", "properties": {
-    "id": {"type": "string"}, "name": {"type": "string"}, "size": {"type": "integer"},
-    "done": {"type": "boolean"}, "states": {"type": "object"}, "outcomes": {"type": "object"},
-    "jobs": {"type": "array", "items": _ref("Job")}, "links": {"type": "object"}}}
+        "path": STRING, "size": {"type": "integer"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}},
+    "complete": {"type": "boolean", "description": "the job ended and its environment "
+                 "was recorded"}}}
+GROUP = {"type": "object", "required": ["id", "name", "size", "done"], "properties": {
+    "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"}, "name": STRING,
+    "size": {"type": "integer", "minimum": 1},
+    "done": {"type": "boolean"},
+    "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "outcomes": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "job_ids": {"type": "array", "items": STRING, "description": "in an upload's answer"},
+    "jobs": {"type": "array", "items": ref("Job")},
+    "links": {"type": "object", "additionalProperties": STRING}}}
 USAGE = {"type": "object", "properties": {
-    "peak_rss_mb": {"type": "number"}, "cpu_s": {"type": "number"},
-    "columns": {"type": "array", "items": {"type": "string"}},
+    "job_id": STRING, "peak_rss_mb": NUM, "cpu_s": NUM,
+    "columns": {"type": "array", "items": STRING},
     "samples": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}
+#: Blank (no webhook), or an http(s) URL naming a host (an IP literal must be public:
+#: the server checks that, a pattern cannot), with no user name or password.
+NOTIFY_URL = (r"^\s*$|^\s*[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]*[A-Za-z][A-Za-z0-9.-]*"
+              r"(:[0-9]{1,5})?([/?#]\S*)?\s*$")
+SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+ENV_NAME = {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "not": {
+    "pattern": "^(LABQ_.*|PATH|HOME|VIRTUAL_ENV|PYTHONHOME|PYTHONPATH|LD_.*)$"}}
 
 
-def extend(spec: dict[str, Any]) -> dict[str, Any]:
+def rerun_body(settings: Settings) -> dict[str, Any]:
+    def limit(maximum: int) -> dict[str, Any]:
+        return {"type": "integer", "minimum": 1, "maximum": maximum or INT64_MAX}
+
+    return {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "additionalProperties": False,
+        "description": "what to change (anything else: 400); values are checked like "
+                       "labq.toml's (422 naming the field)",
+        "properties": {
+            "args": {"type": "array", "items": SCALAR,
+                     "description": "numbers and booleans become strings"},
+            "env": {"type": "object", "propertyNames": ENV_NAME,
+                    "additionalProperties": SCALAR,
+                    "description": "LABQ_*, PATH, HOME, VIRTUAL_ENV, PYTHONHOME, "
+                                   "PYTHONPATH and LD_* are reserved"},
+            "timeout_s": limit(settings.max_timeout_s),
+            "memory_mb": limit(settings.max_memory_mb),
+            "cpus": limit(settings.max_cpus),
+            "max_output_mb": limit(settings.max_output_bytes // MIB)}}}}}
+
+
+def extend(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     schemas = spec["components"]["schemas"]
     schemas["Job"]["properties"].update(JOB_FIELDS)
-    schemas["Job"]["properties"]["group"] = {**GROUP, "nullable": True,
-                                             "description": "only in a sweep's upload answer"}
+    schemas["Job"]["properties"]["group"] = {**GROUP, "description": "only in a sweep's "
+                                             "upload answer"}
     schemas.update({"Receipt": RECEIPT, "Group": GROUP, "Usage": USAGE})
-    schemas["Error"]["properties"]["error"]["properties"]["code"]["example"] = "ambiguous_id"
     paths = spec["paths"]
-    paths["/api/v1/jobs"]["get"]["parameters"] = [
-        *paths["/api/v1/jobs"]["get"]["parameters"], *SEARCH_PARAMS]
-    upload = paths["/api/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]
-    upload["schema"]["properties"]["notify_url"] = {
-        "type": "string", "description": "JSON POST here when the job ends"}
-    one = [{**JOB_ID, "description": "the id, or a unique prefix of 6+ characters "
-                                     "(409 ambiguous_id when several jobs share it)"}]
-    group_id = {"name": "group_id", "in": "path", "required": True,
-                "schema": {"type": "string"}}
+    for listing in ("/api/v1/jobs", "/simulation"):
+        get = paths[listing]["get"]
+        get["parameters"] = [*get["parameters"], *SEARCH_PARAMS]
+    for upload in ("/api/v1/jobs", "/simulation"):
+        form = paths[upload]["post"]["requestBody"]["content"]["multipart/form-data"]
+        form["schema"]["properties"]["notify_url"] = {
+            "type": "string", "maxLength": 2000, "pattern": NOTIFY_URL,
+            "description": "an http(s) URL that gets a JSON POST when the job ends; no "
+                           "user name or password in it, and not a loopback or private "
+                           "address unless the admin allows it (422 otherwise)"}
+    one = [JOB_ID]
     paths.update({
         "/api/v1/jobs/{id}/receipt": {"get": {
             "tags": ["jobs"], "summary": "Reproducibility receipt", "parameters": one,
-            "responses": {"200": _json(_ref("Receipt"), "The receipt"), **_errors(404, 409)}}},
+            "responses": {"200": json_answer(ref("Receipt"), "The receipt"),
+                          **errors(404, 409)}}},
         "/api/v1/jobs/{id}/usage": {"get": {
             "tags": ["jobs"], "summary": "Memory and CPU samples of the run", "parameters": one,
-            "responses": {"200": _json(_ref("Usage"), "Samples"), **_errors(404, 409)}}},
+            "responses": {"200": json_answer(ref("Usage"), "Samples"), **errors(404, 409)}}},
         "/api/v1/jobs/{id}/rerun": {"post": {
             "tags": ["jobs"], "summary": "A new job from the same bundle and packages",
-            "parameters": one, "requestBody": RERUN,
-            "responses": {"201": _json(_ref("Job"), "The new job"),
-                          **_errors(400, 404, 409, 422)}}},
+            "parameters": one, "requestBody": rerun_body(settings),
+            "responses": {"201": json_answer(ref("Job"), "The new job", LOCATION),
+                          **errors(400, 404, 409, 413, 422, 429)}}},
         "/api/v1/groups/{group_id}": {"get": {
             "tags": ["groups"], "summary": "A sweep: every member's state",
-            "parameters": [group_id],
-            "responses": {"200": _json(_ref("Group"), "The group"), **_errors(404)}}},
+            "parameters": [GROUP_ID],
+            "responses": {"200": json_answer(ref("Group"), "The group"), **errors(404)}}},
         "/api/v1/groups/{group_id}/results": {"get": {
             "tags": ["groups"], "summary": "One zip of every member's results",
-            "parameters": [group_id],
-            "responses": {"200": {"description": "zip", "content": {"application/zip": {
-                "schema": {"type": "string", "format": "binary"}}}}, **_errors(404)}}},
+            "parameters": [GROUP_ID],
+            "responses": {"200": ZIP_ANSWER, **errors(404)}}},
     })
     return spec

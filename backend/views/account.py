@@ -20,6 +20,7 @@ from labq.backend.views.pages import page
 from labq.shared.errors import BadRequestError, ForbiddenError, NotFoundError
 
 bp = Blueprint("account", __name__)
+INT64_MAX = 2**63 - 1
 
 
 def _json_body() -> dict[str, Any]:
@@ -77,7 +78,11 @@ def list_tokens() -> Response:
 @bp.post("/api/v1/tokens")
 def create_token() -> tuple[Response, int]:
     identity = current_identity()
-    name = _json_body().get("name") or request.form.get("name") or "token"
+    body: Any = request.get_json(silent=True) if request.is_json else {}
+    if not isinstance(body, dict):
+        raise BadRequestError('send JSON like {"name": "laptop"} (or no body)')
+    # A name that is there but not text (null too) is refused, not replaced by the default.
+    name = body["name"] if "name" in body else request.form.get("name", "token")
     if not isinstance(name, str):
         raise BadRequestError("the token name must be a string", field="name")
     token_id, token = accounts.create_token(services().engine, identity.user_id, name)
@@ -87,6 +92,8 @@ def create_token() -> tuple[Response, int]:
 
 @bp.delete("/api/v1/tokens/<int:token_id>")
 def revoke_token(token_id: int) -> tuple[str, int]:
-    if not accounts.revoke_token(services().engine, current_identity().user_id, token_id):
+    # Past 64 bits no token exists (and the database could not compare it).
+    if token_id > INT64_MAX or not accounts.revoke_token(
+            services().engine, current_identity().user_id, token_id):
         raise NotFoundError(f"you have no token {token_id} (see GET /api/v1/tokens)")
     return "", 204

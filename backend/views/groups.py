@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, send_file
 
@@ -17,6 +18,7 @@ from labq.shared.errors import BadRequestError, NotFoundError
 from labq.shared.storage import Storage
 
 bp = Blueprint("groups", __name__)
+INTEGER_FIELDS = ("timeout_s", "memory_mb", "cpus", "max_output_mb")
 
 
 @bp.get("/api/v1/groups/<group_id>")
@@ -60,6 +62,15 @@ def results(group_id: str) -> Response:
                      download_name=f"{name}-{group_id[:8]}-results.zip", max_age=0)
 
 
+def _json_integers(overrides: Any) -> Any:
+    """JSON has one kind of number: ``5.0`` is the whole number 5 (as JSON Schema, and
+    the OpenAPI document, count it), so a limit given that way is taken as 5."""
+    if not isinstance(overrides, dict):
+        return overrides
+    return {k: int(v) if k in INTEGER_FIELDS and isinstance(v, float) and v.is_integer()
+            else v for k, v in overrides.items()}
+
+
 @bp.post("/api/v1/jobs/<job_id>/rerun")
 def rerun(job_id: str) -> tuple[Response, int]:
     svc = services()
@@ -68,6 +79,7 @@ def rerun(job_id: str) -> tuple[Response, int]:
         overrides = request.get_json(silent=True, force=True)
         if overrides is None:
             raise BadRequestError('send JSON like {"args": ["--lr=0.1"]}, or an empty body')
+        overrides = _json_integers(overrides)
     job = create_rerun(svc, visible_job(job_id), overrides, owner=current_identity().name)
     body = jobs_json(svc, [job])[0]
     resp = jsonify(body)

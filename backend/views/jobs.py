@@ -72,14 +72,16 @@ def submit_job() -> tuple[Response, int]:
             f"the upload is larger than this server accepts ({limit / (1024 * 1024):.1f} "
             "MiB at most); leave data sets out of the bundle")
     owner = current_identity().name
-    if key and (existing := svc.registry.find_by_key(key, owner)) is not None:
-        return _job_response(existing, 200)
     overrides = form_overrides()
     fallback = clean_name(PurePath(upload.filename or "job").stem)
     info, spec = inspect_bundle(staged.path, svc.settings, fallback_name=fallback,
                                 overrides=overrides)
     combos = sweep.combinations(info.manifest.get("sweep"), svc.settings.max_group_size)
     notify_url = notify_url_of(info, request.form.get("notify_url"), svc.settings)
+    # A replay is checked like the upload it repeats: a key never makes an invalid
+    # request succeed (the first one could not have made a job).
+    if key and (existing := svc.registry.find_by_key(key, owner)) is not None:
+        return _job_response(existing, 200)
     svc.storage.store_bundle(staged.path, staged.sha256)
     if combos:
         return _group_response(svc, info, spec, combos, staged, notify_url, key)
