@@ -1,12 +1,18 @@
 """Why a queued job waits and when it may start; how many workers there are.
 
-RabbitMQ counts *consumers* on the jobs queue, but a busy worker cancels its consumer
-while it runs a job (one job at a time), so consumers are the idle workers only. The
-workers connected are the idle ones plus the distinct workers holding a job.
+RabbitMQ counts *consumers* on the jobs queue. A worker keeps its consumer on while it
+runs a job (prefetch 1 holds its next delivery back), so the consumers are the connected
+workers, busy or not; the idle ones are the consumers less the distinct workers holding a
+job. (A worker that reconnected mid-job consumes again only once its job ends: it is
+counted busy, and nothing is idle while consumers are fewer than busy workers.)
 
 The estimate hands the jobs ahead of this one, oldest first, to whichever worker frees
 up first, each taking the median run time of recent jobs; a running job is expected to
 end when it reaches that median (or now, if it is already past it).
+
+A job held by fair share (``created`` with a ``hold_reason``) is not in the queue: it has
+no place and no estimate, its reason is its hold reason (the user's running-job limit),
+and it is never counted ahead of anyone.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import heapq
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +34,16 @@ RECENT_RUNS = 50
 DEFAULT_RUN_S = 60.0
 WAITING = (State.CREATED, State.QUEUED)
 
-#: Extension point for other reasons a job waits (e.g. the accounts' running-job limit):
-#: each hook gets the job row and returns a sentence, or None when it does not apply.
-#: The first sentence returned replaces the queue-based reason.
-WAITING_REASON_HOOKS: list[Callable[[dict[str, Any]], str | None]] = []
-
 
 @dataclass(frozen=True)
 class Workers:
-    idle: int | None  # consumers on the jobs queue; None when the broker did not answer
+    idle: int | None  # None when the broker did not answer
     busy: int
+
+    @classmethod
+    def count(cls, consumers: int | None, busy: int) -> Workers:
+        """From the jobs queue's consumers (None: broker away) and the busy workers."""
+        return cls(None if consumers is None else max(0, consumers - busy), busy)
 
     @property
     def total(self) -> int | None:
@@ -66,12 +71,13 @@ def typical_run_s(engine: Engine) -> float:
 
 
 def position(engine: Engine, job: dict[str, Any]) -> int:
-    """1-based place among waiting jobs, oldest first (the queue is FIFO)."""
+    """1-based place among waiting jobs, oldest first (the queue is FIFO); held jobs
+    are not in the queue and never ahead."""
     mine = job["queued_at"] or job["created_at"]
     order = func.coalesce(db.jobs.c.queued_at, db.jobs.c.created_at)
     with engine.connect() as conn:
         ahead = conn.execute(select(func.count()).select_from(db.jobs).where(
-            db.jobs.c.state.in_([str(s) for s in WAITING]),
+            db.jobs.c.state.in_([str(s) for s in WAITING]), db.jobs.c.hold_reason.is_(None),
             or_(order < mine, and_(order == mine, db.jobs.c.id < job["id"])))).scalar_one()
     return int(ahead) + 1
 
@@ -100,33 +106,35 @@ def reason(place: int, workers: Workers) -> str:
     return f"{jobs}, {workers.busy} worker{'s' if workers.busy != 1 else ''} busy"
 
 
-def waiting_fields(engine: Engine, jobs: list[dict[str, Any]], idle: int | None
+def waiting_fields(engine: Engine, jobs: list[dict[str, Any]], consumers: int | None
                    ) -> dict[str, dict[str, Any]]:
-    """``{job id: {queue_position, estimated_start_at, waiting_reason}}`` for ``jobs``."""
+    """``{job id: {queue_position, estimated_start_at, waiting_reason}}`` for ``jobs``;
+    ``consumers`` is :func:`idle_workers`' count."""
     from labq.backend.registry import iso
 
     out: dict[str, dict[str, Any]] = {}
-    waiting = [j for j in jobs if j["state"] in WAITING]
+    waiting = [j for j in jobs if j["state"] in WAITING and not j.get("hold_reason")]
     for job in jobs:
+        held = job["state"] == State.CREATED and job.get("hold_reason") or None
         out[job["id"]] = {"queue_position": None, "estimated_start_at": None,
-                          "waiting_reason": None}
+                          "waiting_reason": held}
     if not waiting:
         return out
     busy, running_s = busy_workers(engine)
-    workers = Workers(idle, busy)
+    workers = Workers.count(consumers, busy)
     typical = typical_run_s(engine)
     now = time.time()
     for job in waiting:
         place = position(engine, job)
-        start = estimate_start(place, idle or 0, running_s, typical, now)
-        text = next((r for hook in WAITING_REASON_HOOKS if (r := hook(job))), None)
+        start = estimate_start(place, workers.idle or 0, running_s, typical, now)
         out[job["id"]] = {"queue_position": place, "estimated_start_at": iso(start),
-                          "waiting_reason": text or reason(place, workers)}
+                          "waiting_reason": reason(place, workers)}
     return out
 
 
 def idle_workers(publisher: Any) -> int | None:
-    """Consumers on the jobs queue (idle workers), or None when the broker is away."""
+    """Consumers on the jobs queue (every connected worker: see :meth:`Workers.count`),
+    or None when the broker is away."""
     from labq.shared.errors import BrokerUnavailableError
 
     try:

@@ -53,8 +53,10 @@ def _counts(conn: Connection, owner: str) -> tuple[int, int]:
 
 def hold_reason(active: int, settings: Settings) -> str:
     limit = settings.max_running_per_user
-    return (f"held: {active} of your jobs are queued or running, the most this server runs "
-            f"per user at once (LABQ_MAX_RUNNING_PER_USER={limit}); it starts when one ends")
+    jobs = f"{active} of your jobs {'is' if active == 1 else 'are'}"
+    return (f"your running-job limit: {jobs} queued or running, the most this server runs "
+            f"per user at once (LABQ_MAX_RUNNING_PER_USER={limit}); it starts when one of "
+            "yours ends")
 
 
 def admit(conn: Connection, owner: str, settings: Settings) -> str | None:

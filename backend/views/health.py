@@ -12,7 +12,7 @@ from flask import Blueprint, Response, jsonify
 from labq.backend.errors import error_response
 from labq.backend.scope import owner_filter
 from labq.backend.services import Services, services
-from labq.backend.waiting import busy_workers
+from labq.backend.waiting import Workers, busy_workers
 from labq.shared.errors import BrokerUnavailableError
 
 bp = Blueprint("health", __name__)
@@ -68,10 +68,10 @@ def queue_stats(svc: Services) -> dict[str, Any]:
     except BrokerUnavailableError as exc:
         return {"name": name, "messages": None, "consumers": None, "workers": None,
                 "error": exc.message}
-    # A busy worker cancels its consumer while it runs a job: count those too.
+    # A busy worker keeps its consumer on (Workers.count): consumers are idle + busy.
     busy, _ = busy_workers(svc.engine)
     return {"name": name, "messages": messages, "consumers": consumers,
-            "busy_workers": busy, "workers": consumers + busy}
+            "busy_workers": busy, "workers": Workers.count(consumers, busy).total}
 
 
 @bp.get("/api/v1/stats")

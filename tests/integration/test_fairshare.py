@@ -97,3 +97,40 @@ def test_admission_is_serialised_per_user(limited: LabqSystem) -> None:
     assert sum(s["hold_reason"] is None for s in states) == 1, states
     for job in accepted:
         limited.set_state(job["id"], "stopped")
+
+
+def test_held_jobs_are_off_the_queue_and_push_no_one_back(limited: LabqSystem) -> None:
+    """A held job has no place in the queue and no estimate, says it waits for the user's
+    running-job limit, and does not count against other users' places."""
+    erin = limited.session_for(limited.add_user("erin"))
+    frank = limited.session_for(limited.add_user("frank"))
+    grace = limited.session_for(limited.add_user("grace"))
+    # Given erin runs one job and holds one, and frank's job takes the other worker
+    running, held = [submit(limited, erin, LONG).json()["id"] for _ in range(2)]
+    franks = submit(limited, frank, LONG).json()["id"]
+    ids = [running, held, franks]
+    try:
+        limited.wait_for_state(running, "started")
+        limited.wait_for_state(franks, "started")
+        # When grace submits after erin's held job, with both workers busy
+        graces = submit(limited, grace, QUICK).json()["id"]
+        ids.append(graces)
+        limited.wait_for_state(graces, "queued")
+        # Then erin's held job waits off the queue: no place, no estimate, and why
+        job = erin.get(limited.api(f"/api/v1/jobs/{held}"), timeout=10).json()
+        assert job["state"] == "created" and job["hold_reason"], job
+        assert job["queue_position"] is None and job["estimated_start_at"] is None, job
+        assert job["waiting_reason"].startswith("your running-job limit"), job
+        assert "starts when one of yours ends" in job["waiting_reason"], job
+        # And grace's job is first in the queue: the held job is not ahead of it
+        job = grace.get(limited.api(f"/api/v1/jobs/{graces}"), timeout=10).json()
+        assert job["queue_position"] == 1, job
+        assert job["waiting_reason"] == "0 jobs ahead, 2 workers busy", job
+        listed = {j["id"]: j for j in limited.http.get(
+            limited.api("/api/v1/jobs?limit=500"), timeout=10).json()["jobs"]}
+        assert listed[held]["queue_position"] is None and listed[graces]["queue_position"] == 1
+    finally:
+        for job_id in ids:
+            limited.set_state(job_id, "stopped")
+        for job_id in ids:
+            limited.wait_done(job_id)
