@@ -241,7 +241,9 @@ def test_events_applied_streamed_in_order_and_log_followed(api):
     wait_until(lambda: api.job(job_id)["state"] == "completed", timeout=15)
     with open(log_path, "a") as handle:
         handle.write("second line\n")
-    time.sleep(0.5)
+    # The log stream has sent the new line before "stopped" ends it.
+    wait_until(lambda: any("second line" in d for e, d in list(log_lines) if e == "message"),
+               timeout=15, message="the log stream to send the second line")
     publish_event(api, LifecycleEvent(job_id=job_id, seq=event_seq(1, 6), state="stopped",
                                       attempt=1, outcome="succeeded", exit_code=0))
     reader.join(20)
