@@ -43,7 +43,7 @@ from faultkit import (
     probe_bundle,
     wait_running,
 )
-from helpers import LabqSystem
+from helpers import LabqSystem, wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -51,6 +51,22 @@ BROKER_CONF = ["consumer_timeout = 5000"]
 BROKER_TICK_MS = 1000
 SYSTEM_WORKERS = 2
 TIMED_OUT = "timed out waiting for delivery acknowledgement"
+
+
+def job_frozen(job_id: str) -> bool:
+    """True when the job has processes (found by LABQ_JOB_ID in their environment, which
+    a root test can read whatever the job's uid) and every live one is stopped."""
+    marker = f"LABQ_JOB_ID={job_id}".encode()
+    states = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker not in environ.read_bytes().split(b"\0"):
+                continue
+            states.append((environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    live = [s for s in states if s not in ("Z", "X")]
+    return bool(live) and all(s in ("T", "t") for s in live)
 
 
 def test_job_longer_than_consumer_timeout_runs_once(fault_system: LabqSystem,
@@ -79,7 +95,9 @@ def test_paused_job_longer_than_consumer_timeout_runs_once(fault_system: LabqSys
     resp = system.set_state(job["id"], "paused")
     assert resp.status_code == 200, resp.text
     system.wait_for_state(job["id"], "paused", timeout=30)
-    time.sleep(0.5)
+    # "paused" follows the SIGSTOPs, which take effect a moment later: count once every
+    # process of the job is really stopped, so no beat can follow.
+    wait_until(lambda: job_frozen(job["id"]), timeout=15, message="the job's processes to stop")
     beats = len(main_records(fault_dir, job["id"]))
     time.sleep(12)  # more than twice the consumer timeout (+ tick)
     assert len(main_records(fault_dir, job["id"])) == beats, "a paused job kept running"
