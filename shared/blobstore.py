@@ -182,8 +182,9 @@ class BlobStore(ABC):
 
         ``sha256``: what the caller knows the content to be; a mismatch raises
         :class:`BlobIntegrityError` and leaves the key as it was. ``move``: ``source`` is
-        a file the store may take (it is gone afterwards); the volume renames it into
-        place without reading it again, trusting ``sha256``.
+        a file the store may take (it is gone afterwards); given with ``sha256`` (a hash
+        labq itself just took, as of a staged upload) the file is not read again to
+        check it: the volume renames it into place.
         """
 
     @abstractmethod

@@ -52,12 +52,13 @@ from labq.shared.blobstore import (
     BlobInfo,
     BlobKeyError,
     BlobStore,
+    StorageUnavailableError,
     VolumeBlobStore,
     check_key,
     content_sha256,
     open_blobstore,
 )
-from labq.shared.errors import LabqError, NotFoundError
+from labq.shared.errors import ConfigError, LabqError, NotFoundError
 from labq.shared.outcome import OutcomeRecord
 
 #: How many settled jobs' "has results" answers a process remembers (object stores).
@@ -114,7 +115,11 @@ class Storage:
         with contextlib.suppress(PermissionError):
             if self.root.stat().st_uid == os.geteuid():
                 os.chmod(self.root, 0o700)
-        self.blobs.check()  # a bucket that is missing or refuses labq: say so at start
+        try:
+            self.blobs.check()
+        except StorageUnavailableError as exc:
+            # At start-up a missing or unreachable bucket is a setting to fix.
+            raise ConfigError(exc.message) from None
         return self
 
     # -- bundles --------------------------------------------------------------

@@ -243,6 +243,8 @@ def test_s3_settings_say_what_is_missing(moto: MotoS3, tmp_path: Path,
     missing = open_blobstore(s3_settings(moto, tmp_path, LABQ_S3_BUCKET="no-such-bucket-x"))
     with pytest.raises(StorageUnavailableError, match="create the bucket"):
         missing.check()
+    with pytest.raises(ConfigError, match="create the bucket"):  # a service will not start
+        Storage(tmp_path / "data", missing).ensure()
     away = open_blobstore(s3_settings(
         moto, tmp_path, LABQ_S3_ENDPOINT_URL=f"http://127.0.0.1:{_closed_port()}"))
     away.client.meta.config.retries["max_attempts"] = 1
