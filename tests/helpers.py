@@ -163,6 +163,8 @@ class LabqSystem:
         self.token = ""
         self.backend: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        #: More `labq backend` processes (start_extra_backend), stopped with the system.
+        self.extra_backends: list[subprocess.Popen[bytes]] = []
         self._n_workers = workers
         self._logs: list[Path] = []
 
@@ -184,6 +186,26 @@ class LabqSystem:
         # Written before the backend serves anything (first start, no users yet).
         self.token = (self.data_dir / "admin-token").read_text().strip()
         self.http.headers["Authorization"] = f"Bearer {self.token}"
+
+    def start_extra_backend(self) -> str:
+        """One more ``labq backend`` on a port of its own, on the same database, data dir
+        and broker (several backends behind one address); returns its URL."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = self._spawn(f"backend-{port}", "backend",
+                           extra_env={"LABQ_PORT": str(port), "LABQ_URL": url})
+        self.extra_backends.append(proc)
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"backend on {url} exited:\n{self.read_logs()}")
+            try:
+                return requests.get(f"{url}/healthz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(healthy, timeout=30, message=f"backend on {url}")
+        return url
 
     # -- accounts ----------------------------------------------------------------
     def labq(self, *args: str, input: str | None = None,
@@ -229,7 +251,8 @@ class LabqSystem:
             return False
 
     def stop(self) -> None:
-        procs = [p for p in [*self.workers, self.backend] if p is not None]
+        procs = [p for p in [*self.workers, self.backend, *self.extra_backends]
+                 if p is not None]
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -1,10 +1,14 @@
 """Fair share with both limits set, on a real labq with two workers: one busy user cannot
-hold every worker, their extra jobs wait (held, with a reason) and start as their own
-jobs end, and past their quota they get a 429."""
+hold every worker, their extra jobs wait (held, with a reason, off the queue) and start as
+their own jobs end, and past their quota they get a 429 — with one backend process and
+with two on the same database and broker."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 import requests
@@ -14,6 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 LONG = {"code.py": "import time\nfor _ in range(600):\n    time.sleep(0.1)\n"}
 QUICK = {"code.py": "print('quick')\n"}
+TERMINAL = ("stopped", "failed")
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +139,73 @@ def test_held_jobs_are_off_the_queue_and_push_no_one_back(limited: LabqSystem) -
             limited.set_state(job_id, "stopped")
         for job_id in ids:
             limited.wait_done(job_id)
+
+
+@pytest.fixture(scope="module")
+def second_backend(limited: LabqSystem) -> str:
+    """A second `labq backend` on its own port: the same database, data dir and broker."""
+    return limited.start_extra_backend()
+
+
+def _at(text: str | None) -> datetime:
+    assert text, "a timestamp is missing"
+    return datetime.fromisoformat(text)
+
+
+def test_two_backends_never_over_admit_or_over_publish(limited: LabqSystem,
+                                                       second_backend: str) -> None:
+    """One user's uploads and stops reach two backend processes at once: the quota is
+    exact, at most her running limit of jobs is ever queued or running (each backend's
+    outbox relay releases held jobs), and another user's job still gets a worker."""
+    backends = [limited.url, second_backend]
+    heidi = limited.add_user("heidi")
+    ivan = limited.session_for(limited.add_user("ivan"))
+    go = threading.Barrier(8)
+
+    def upload(n: int) -> requests.Response:
+        session = limited.session_for(heidi)
+        go.wait(timeout=30)  # all eight leave together, four to each backend
+        return session.post(f"{backends[n % 2]}/api/v1/jobs", timeout=60,
+                            files={"bundle": ("b.zip", make_zip(LONG))})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(upload, range(8)))
+    # The quota (3) is exact across both backends, and only one job (the limit) is live
+    assert sorted(r.status_code for r in results) == [201] * 3 + [429] * 5, \
+        [(r.status_code, r.text[:200]) for r in results]
+    ids = [r.json()["id"] for r in results if r.status_code == 201]
+    unfinished = list(ids)
+
+    def active() -> list[dict]:
+        jobs = [limited.job(job_id) for job_id in unfinished]
+        live = [j for j in jobs if j["hold_reason"] is None and j["state"] not in TERMINAL]
+        assert len(live) <= 1, ("more than the running limit published",
+                                [(j["id"][:8], j["state"], j["hold_reason"]) for j in jobs])
+        return live
+
+    def one_started() -> dict | None:
+        live = active()
+        return live[0] if live and live[0]["state"] == "started" else None
+
+    running = wait_until(one_started, timeout=60, message="one of heidi's jobs to start")
+    # Another user's job takes the other worker while heidi's run and wait
+    ivans = ivan.post(f"{second_backend}/api/v1/jobs", timeout=30,
+                      files={"bundle": ("b.zip", make_zip(QUICK))})
+    assert ivans.status_code == 201, ivans.text
+    assert limited.wait_done(ivans.json()["id"])["outcome"] == "succeeded"
+    assert one_started()["id"] == running["id"]
+    # Each stop, through either backend, releases exactly one held job
+    for n in range(len(ids)):
+        stop = requests.put(f"{backends[n % 2]}/api/v1/jobs/{running['id']}/state",
+                            json={"state": "stopped"}, timeout=10,
+                            headers={"Authorization": f"Bearer {heidi}"})
+        assert stop.status_code == 200, stop.text
+        limited.wait_done(running["id"])
+        unfinished.remove(running["id"])
+        if unfinished:
+            running = wait_until(one_started, timeout=60, message="the next job to start")
+    # Her jobs were on the queue or a worker one at a time: no two active spans overlap
+    spans = sorted((_at(j["queued_at"]), _at(j["stopped_at"]))
+                   for j in (limited.job(job_id) for job_id in ids))
+    for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):
+        assert begin >= end, spans
