@@ -7,6 +7,11 @@ a private control queue, settles delivery tags only on the channel they came on 
 ``generation`` tells), binds a job's control key, and publishes lifecycle events from an
 outbox in order, each confirmed. The outbox may be filled from any thread; only the
 connection thread flushes it.
+
+Events go out on a channel of their own. A quorum queue nacks what it is sent while it
+has no leader (a node of the cluster just went down), and RabbitMQ 3.10 goes on nacking
+on that same channel after a new leader is elected: the publishing channel is then
+replaced, which leaves the deliveries (and the running job's tag) untouched.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ class BrokerLink:
         self._connect = connect
         self.conn: Any = None
         self.channel: Any = None
+        self.pub_channel: Any = None  # events and status ticks (confirm mode)
         self.generation = 0
         self.consumer_tag: str | None = None
         self.control_queue: str | None = None
+        #: Control keys of finished jobs still to unbind: (channel generation, key).
+        self._released: list[tuple[int, str]] = []
         self._outbox: deque[tuple[str, bytes, pika.BasicProperties]] = deque()
         self._outbox_lock = threading.Lock()
 
@@ -55,17 +63,20 @@ class BrokerLink:
             declared = channel.queue_declare("", exclusive=True, auto_delete=True)
             control_queue = declared.method.queue
             channel.basic_consume(control_queue, on_control, auto_ack=True)
+            pub_channel = conn.channel()
+            pub_channel.confirm_delivery()
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.close()
             raise
         self.conn, self.channel, self.control_queue = conn, channel, control_queue
+        self.pub_channel = pub_channel
         self.generation += 1
         self.consumer_tag = None
         log.info("connected to the broker (channel generation %d)", self.generation)
 
     def drop(self) -> None:
-        conn, self.conn, self.channel = self.conn, None, None
+        conn, self.conn, self.channel, self.pub_channel = self.conn, None, None, None
         self.consumer_tag = None
         self.control_queue = None
         if conn is not None:
@@ -74,13 +85,14 @@ class BrokerLink:
                     conn.close()
 
     def online(self) -> bool:
-        return self.channel is not None and self.channel.is_open
+        return self.channel is not None and self.channel.is_open \
+            and self.pub_channel is not None and self.pub_channel.is_open
 
     def process(self, time_limit: float) -> None:
         """Serve the connection for up to ``time_limit`` seconds; raises when it is lost."""
         assert self.conn is not None
         self.conn.process_data_events(time_limit=time_limit)
-        if not self.channel.is_open:
+        if not self.online():
             # The broker closed our channel (e.g. its consumer timeout bit) without
             # closing the connection; pika does not raise for that. Start over.
             raise pika.exceptions.ChannelClosed(0, "the broker closed the channel")
@@ -124,6 +136,24 @@ class BrokerLink:
                                       d.control_key)
         d.control_key = ""
 
+    def release_control(self, d: Delivery) -> None:
+        """Unbind ``d``'s control key later (:meth:`unbind_released`): not on the way from
+        one job's ack to the next delivery. Until then a control message for that job
+        still reaches us and is ignored, as for any job we do not run."""
+        if d.control_key:
+            self._released.append((self.generation, d.control_key))
+        d.control_key = ""
+
+    def unbind_released(self, keep: str = "") -> None:
+        """Unbind the keys :meth:`release_control` set aside (never ``keep``: the job
+        running now may be the same job again). Keys of an earlier channel died with
+        its control queue."""
+        while self._released and self.online() and self.control_queue:
+            generation, key = self._released.pop()
+            if generation == self.generation and key != keep:
+                self.channel.queue_unbind(self.control_queue,
+                                          self.topology.control_exchange, key)
+
     # -- events -------------------------------------------------------------------------
     def publish_event(self, event: LifecycleEvent) -> None:
         """Queue a lifecycle event for the connection thread (any thread may call)."""
@@ -153,18 +183,29 @@ class BrokerLink:
                     return
                 routing_key, body, props = self._outbox[0]
             try:
-                self.channel.basic_publish(self.topology.events_exchange, routing_key, body,
-                                           props)
+                self.pub_channel.basic_publish(self.topology.events_exchange, routing_key,
+                                               body, props)
             except pika.exceptions.NackError:
-                log.warning("broker refused an event; will retry")
+                log.warning("the broker refused an event (a queue without a leader?); "
+                            "retrying on a fresh channel")
+                self._renew_pub_channel()
                 return
             with self._outbox_lock:
                 self._outbox.popleft()
+
+    def _renew_pub_channel(self) -> None:
+        old, self.pub_channel = self.pub_channel, None
+        with contextlib.suppress(Exception):
+            if old is not None and old.is_open:
+                old.close()
+        channel = self.conn.channel()  # raises BROKER_ERRORS when the connection is gone
+        channel.confirm_delivery()
+        self.pub_channel = channel
 
     def publish_status(self, event: StatusEvent) -> None:
         """A live status tick: transient, and lost without harm when nobody listens."""
         props = pika.BasicProperties(content_type="application/json",
                                      delivery_mode=TRANSIENT)
         with contextlib.suppress(pika.exceptions.NackError, pika.exceptions.UnroutableError):
-            self.channel.basic_publish(self.topology.events_exchange, event.routing_key,
-                                       event.encode(), props)
+            self.pub_channel.basic_publish(self.topology.events_exchange, event.routing_key,
+                                           event.encode(), props)

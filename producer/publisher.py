@@ -111,6 +111,10 @@ class Publisher:
                         f"nothing is bound to receive {routing_key!r} on {exchange!r}"
                     ) from exc
                 except pika.exceptions.NackError as exc:
+                    # A quorum queue nacks while it has no leader (a cluster node just
+                    # went down), and RabbitMQ 3.10 goes on nacking on that channel after
+                    # a new leader is elected: the next publish takes a fresh connection.
+                    self._drop()
                     raise BrokerUnavailableError("RabbitMQ refused the message (nack)") from exc
                 except (pika.exceptions.AMQPError, OSError) as exc:
                     self._drop()
