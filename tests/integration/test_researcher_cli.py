@@ -1,5 +1,6 @@
 """The researcher's CLI against a real labq: Ctrl-C on submit --wait, a failed install
-said once, search, short ids, receipt, rerun with new arguments, a sweep waited for."""
+said once, search, dates and sorting, short ids, receipt, rerun with new arguments, a
+sweep waited for and listed, a queued job's place and reason."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,81 @@ def test_submit_wait_waits_for_the_whole_sweep(system, tmp_path):
     for seed in (1, 2, 3):
         assert f"RUN {seed} ['--seed={seed}']" in result.stdout
     assert "all 3 jobs succeeded" in result.stderr
+
+
+def _listed(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The job ids of a `labq ls` table, in its order."""
+    assert result.returncode == 0, result.stderr
+    return [line.split()[0] for line in result.stdout.splitlines()[1:] if line.strip()]
+
+
+def test_ls_by_dates_and_sorted_by_duration(system, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    ids = {}
+    for name, seconds in (("short", 0.1), ("long", 2.5)):
+        folder = project(tmp_path / f"dur{name}-{tag}", {
+            "code.py": f"import time\ntime.sleep({seconds})\n"})
+        done = labq(system, "submit", str(folder), "--wait")
+        assert done.returncode == 0, done.stderr
+        ids[name] = first_id(done.stdout)
+    short, long = (system.job(ids[n]) for n in ("short", "long"))
+    assert short["durations"]["run_s"] < long["durations"]["run_s"], (short, long)
+    both = ["--q", tag]
+    assert _listed(labq(system, "ls", *both, "--sort", "duration")) == [short["id"], long["id"]]
+    assert _listed(labq(system, "ls", *both, "--sort", "-duration")) == [long["id"], short["id"]]
+    assert _listed(labq(system, "ls", *both, "--sort", "created")) == [short["id"], long["id"]]
+    assert _listed(labq(system, "ls", *both)) == [long["id"], short["id"]]  # newest first
+    # --since is inclusive and --until exclusive, on the created time
+    assert _listed(labq(system, "ls", *both, "--since", long["created_at"])) == [long["id"]]
+    assert _listed(labq(system, "ls", *both, "--until", long["created_at"])) == [short["id"]]
+    today = short["created_at"][:10]
+    assert len(_listed(labq(system, "ls", *both, "--since", today))) == 2
+    nothing = labq(system, "ls", *both, "--until", today)
+    assert nothing.returncode == 0 and nothing.stdout.strip() == "no jobs match"
+    bad = labq(system, "ls", "--since", "last tuesday")
+    assert bad.returncode != 0 and "since must be a date like 2024-05-01" in bad.stderr
+
+
+def test_group_lists_a_sweeps_jobs(system, tmp_path):
+    folder = project(tmp_path / f"grouped-{uuid.uuid4().hex[:6]}", {
+        "code.py": "import os\nprint('seed', os.environ['seed'])\n",
+        "labq.toml": "[sweep]\nseed = [1, 2]\n"})
+    result = labq(system, "submit", str(folder), "--wait")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    group_id = system.job(first_id(result.stdout))["group_id"]
+    members = system.http.get(system.api(f"/api/v1/groups/{group_id}"), timeout=10).json()
+    shown = labq(system, "group", group_id)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == f"group {group_id} ({folder.name}): 2 jobs, done", lines
+    rows = sorted(line.split()[:3] for line in lines[1:])
+    assert rows == sorted([j["id"][:8], "stopped", "succeeded"] for j in members["jobs"])
+    missing = labq(system, "group", uuid.uuid4().hex)
+    assert missing.returncode != 0 and "there is no group" in missing.stderr
+
+
+def test_status_of_a_queued_job_shows_its_place_and_why(system):
+    blocker = {"code.py": "import time\nprint('ready', flush=True)\ntime.sleep(120)\n"}
+    busy = [system.submit(blocker)["id"] for _ in range(2)]
+    waiting = None
+    try:
+        for job_id in busy:
+            system.wait_for_state(job_id, "started")
+        waiting = system.submit({"code.py": "print(1)\n"})["id"]
+        system.wait_for_state(waiting, "queued")
+        shown = labq(system, "status", waiting[:8])
+        assert shown.returncode == 0, shown.stderr
+        fields = dict(line.split(":", 1) for line in shown.stdout.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        assert fields["state"] == "queued"
+        assert fields["queue"] == "#1, 0 jobs ahead, 2 workers busy", shown.stdout
+        assert fields["estimated start"].startswith(time.strftime("%Y-", time.gmtime()))
+        running = labq(system, "status", busy[0][:8]).stdout.splitlines()
+        assert not [line for line in running if line.startswith(("queue:", "estimated"))]
+    finally:
+        for job_id in [*busy, waiting]:
+            if job_id:
+                system.set_state(job_id, "stopped")
+        for job_id in [*busy, waiting]:
+            if job_id:
+                system.wait_done(job_id)
