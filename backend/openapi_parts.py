@@ -129,10 +129,10 @@ CURSOR_MAX = 200
 CURSOR = {
     "name": "cursor", "in": "query",
     "description": "Opaque: pass back the `next_cursor` of the previous page of the same "
-                   "listing (same filters). Any other value is refused with 400 "
-                   "(`bad_request`, `field: cursor`): a plain listing's cursor is a "
-                   "position in it, a filtered or sorted listing's (q, outcome, since, "
-                   "until, sort, group) an offset; the two do not mix.",
+                   "listing. It marks a place in the listing's order, so it is valid with "
+                   "other filters of the same sort; a cursor the server did not give out, "
+                   "or one of a duration sort given to a creation-time sort (or the "
+                   "reverse), is refused with 400 (`bad_request`, `field: cursor`).",
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*$", "maxLength": CURSOR_MAX}}
 IDEMPOTENCY_MAX = 200
 IDEMPOTENCY = {
