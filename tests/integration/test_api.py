@@ -191,7 +191,7 @@ def test_readyz_openapi_metrics(api):
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok",
                                                                    "broker": "ok"}
     spec = api.http.get(api.api("/api/v1/openapi.json"), timeout=10).json()
-    assert spec["openapi"] == "3.0.3" and "/api/v1/events" in spec["paths"]
+    assert spec["openapi"] == "3.1.0" and "/api/v1/events" in spec["paths"]
     metrics = api.http.get(api.api("/metrics"), timeout=10).text
     assert "labq_queue_messages" in metrics and "labq_broker_up 1" in metrics
     assert api.http.get(api.api("/"), timeout=10).headers["Content-Type"].startswith("text/html")
