@@ -75,8 +75,12 @@ EXIT_CONFIG = 78  # a setting cannot be used
 
 #: Seconds between lock polls of a parked redelivery.
 PARK_POLL_S = 1.0
-#: Seconds between sweeps for leftover job processes of dead workers.
+#: Seconds between checks of the running job's stop marker.
 SWEEP_S = 2.0
+#: Seconds between sweeps for leftover job processes of dead workers (each reads the
+#: environment of every process on the host; their own death signal and the sandbox's
+#: cgroup and uid clean-up usually got them first).
+ORPHAN_SWEEP_S = 5.0
 #: Connection slice: how quickly the loop notices its own work.
 TICK_S = 0.2
 #: How often a worker touches its sandbox report (the backend drops reports gone stale).
@@ -117,8 +121,11 @@ class Worker:
                  lambda: maintenance.publish_status(self.link, self.current, self.name)),
             Task("check stop marker", SWEEP_S,
                  lambda: maintenance.check_stop_marker(self.storage, self.current)),
-            Task("sweep orphans", SWEEP_S,
+            Task("sweep orphans", ORPHAN_SWEEP_S,
                  lambda: maintenance.sweep_orphans(busy=self.current is not None)),
+            # A busy worker unbinds them when its next job starts (Worker._start).
+            Task("unbind finished jobs' control keys", SWEEP_S,
+                 lambda: None if self.current else self.link.unbind_released()),
         )
 
     # -- entry point ------------------------------------------------------------------
@@ -311,6 +318,7 @@ class Worker:
                                     name=f"job-{d.job.job_id[:8]}", daemon=True)
         self.current = d
         d.thread.start()
+        self.link.unbind_released(keep=d.control_key)  # while the job runs
         # The consumer stays on: prefetch 1 holds the next delivery back until this one
         # is settled, and then it is here without a round trip. (After a reconnect
         # mid-job _serve consumes again only once this job is finished.)
@@ -349,7 +357,7 @@ class Worker:
         if self.link.online():
             self.link.flush()  # raises when the broker is gone: we come back after reconnect
         self.link.settle(d, settle)
-        self.link.unbind_control(d)
+        self.link.release_control(d)
         self._release(d)
         self.current = None
         log.info("job %s done: %s", d.job.job_id, d.result)
