@@ -1,6 +1,7 @@
-"""End to end in Chromium: signing in and out, what another user can see, and the attacks
-of issue 9 — a page on another origin posting to labq with the victim's cookie, and a
-page framing labq."""
+"""End to end in Chromium: signing in and out, what another user can see (jobs, sweeps,
+receipts, usage, tokens), the Account page's tokens (made, used, revoked: 401), wrong
+passwords rate limited on the sign-in page, and the attacks of issue 9 — a page on another
+origin posting to labq with the victim's cookie, and a page framing labq."""
 
 from __future__ import annotations
 
@@ -300,5 +301,122 @@ def test_a_framed_page_is_refused(browser, system, attacker, admin_password) -> 
         # Chromium replaced the refused document with its error page: no labq inside.
         assert frame.url.startswith("chrome-error://"), frame.url
         assert frame.locator(".site-nav").count() == 0
+    finally:
+        ctx.close()
+
+
+STATUS = "async ([url, init]) => (await fetch(url, init || {})).status"
+
+
+def test_account_page_makes_a_token_that_works_and_revokes_it(browser, system, bob) -> None:  # noqa: ANN001
+    ctx = new_context(browser, system)
+    try:
+        sign_in(ctx, system.url, bob["name"], bob["password"])
+        page = ctx.new_page()
+        page.goto("/account")
+        expect(page.locator("#account-name")).to_have_text("bob")
+        page.fill("#token-name", "e2e-laptop")
+        page.click("#token-create")
+        expect(page.locator("#token-created")).to_be_visible()
+        token = page.locator("#new-token").inner_text().strip()
+        assert token.startswith("labq_"), token
+        # The copy-paste snippet names this server and this token
+        assert page.locator("#token-snippet").inner_text().splitlines() == [
+            f"export LABQ_URL={system.url}", f"export LABQ_TOKEN={token}", "labq whoami",
+            "labq submit my-experiment/ --wait"]
+        row = page.locator("#tokens tbody tr", has_text="e2e-laptop")
+        expect(row).to_have_count(1)
+        # The token works for the API, and for the CLI the snippet runs
+        bearer = {"headers": {"Authorization": f"Bearer {token}"}}
+        assert page.evaluate(STATUS, ["/api/v1/me", bearer]) == 200
+        whoami = system.labq("whoami", env={"LABQ_TOKEN": token, "LABQ_URL": system.url})
+        assert whoami.returncode == 0 and "bob" in whoami.stdout, whoami
+        # Revoked on the page, it gets 401 at once, in the browser and anywhere else
+        row.locator("button", has_text="Revoke").click()
+        expect(row).to_have_count(0)
+        assert page.evaluate(STATUS, ["/api/v1/me", bearer]) == 401
+        answer = page.evaluate("""async (t) => {
+            const r = await fetch("/api/v1/jobs", {headers: {Authorization: "Bearer " + t}});
+            return [r.status, r.headers.get("WWW-Authenticate"), (await r.json()).error.code];
+        }""", token)
+        assert answer == [401, 'Bearer realm="labq"', "unauthorized"], answer
+        # The page's own session is not that token: it still works
+        assert page.evaluate(STATUS, ["/api/v1/me"]) == 200
+    finally:
+        ctx.close()
+
+
+SWEEP = {"code.py": "import os, time\ntime.sleep(1.5)\n"
+                    "open('output/seed.txt', 'w').write(os.environ['seed'])\n",
+         "labq.toml": "[sweep]\nseed = [1, 2]\n"}
+
+
+def test_another_users_sweep_receipt_usage_and_tokens_are_invisible(browser, system,  # noqa: ANN001
+                                                                     bob) -> None:
+    first = system.submit(SWEEP, root="admin-sweep")
+    group_id = first["group_id"]
+    members = system.http.get(system.api(f"/api/v1/groups/{group_id}"), timeout=10).json()
+    for member in members["jobs"]:
+        system.wait_done(member["id"])
+    job_id = first["id"]
+    routes = [f"/api/v1/groups/{group_id}", f"/api/v1/groups/{group_id}/results",
+              f"/api/v1/jobs/{job_id}/receipt", f"/api/v1/jobs/{job_id}/usage"]
+    # Every route answers its owner (so a 404 below is the scope, not a missing route) ...
+    for path in routes:
+        assert system.http.get(system.api(path), timeout=10).status_code == 200, path
+    admin_tokens = {t["id"] for t in system.http.get(system.api("/api/v1/tokens"),
+                                                     timeout=10).json()["tokens"]}
+    ctx = new_context(browser, system)
+    try:
+        sign_in(ctx, system.url, bob["name"], bob["password"])
+        page = ctx.new_page()
+        # ... but not bob: the group page says there is no such sweep
+        page.goto(f"/groups/{group_id}")
+        expect(page.locator("#notice")).to_contain_text(f"There is no sweep with id {group_id}")
+        expect(page.locator("#group-wrap tbody tr")).to_have_count(0)
+        expect(page.locator("#group-download")).to_be_hidden()
+        for path in routes:
+            assert page.evaluate(STATUS, [path]) == 404, path
+        csrf = page.evaluate("window.labq.me.csrf_token")
+        rerun = {"method": "POST", "headers": {"X-CSRF-Token": csrf}}
+        assert page.evaluate(STATUS, [f"/api/v1/jobs/{job_id}/rerun", rerun]) == 404
+        # The account page lists bob's own tokens only
+        page.goto("/account")
+        expect(page.locator("#account-name")).to_have_text("bob")
+        page.wait_for_function("document.querySelector('#tokens tbody tr') !== null")
+        shown = {int(i) for i in page.locator("#tokens tbody tr").evaluate_all(
+            "(rows) => rows.map((r) => r.dataset.tokenId)")}
+        bobs = ctx.request.get("/api/v1/tokens").json()["tokens"]
+        assert shown == {t["id"] for t in bobs} and not shown & admin_tokens, shown
+    finally:
+        ctx.close()
+
+
+def test_wrong_passwords_are_rate_limited_on_the_login_page(browser, system) -> None:  # noqa: ANN001
+    system.add_user("e2e-carol", password="carol-password")
+    ctx = new_context(browser, system)
+    try:
+        page = ctx.new_page()
+        page.goto("/login")
+
+        def try_password(password: str) -> int:
+            page.fill("#login-name", "e2e-carol")
+            page.fill("#login-password", password)
+            with page.expect_response(lambda r: r.url.endswith("/login")
+                                      and r.request.method == "POST") as answer:
+                page.click("#login-submit")
+            return answer.value.status
+
+        for _ in range(5):
+            assert try_password("not-it") == 401
+            expect(page.locator("#login-error")).to_have_text("wrong user name or password")
+        assert try_password("not-it") == 429
+        error = page.locator("#login-error")
+        expect(error).to_contain_text("too many wrong passwords for 'e2e-carol'")
+        expect(error).to_contain_text("try again in")
+        # ... even with the right password, until the minute has passed
+        assert try_password("carol-password") == 429
+        expect(error).to_contain_text("too many wrong passwords")
+        expect(page).to_have_url(re.compile(r"/login$"))
     finally:
         ctx.close()
