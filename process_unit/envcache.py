@@ -13,12 +13,24 @@ Safety between workers (possibly on several hosts sharing the volume):
 * ``.labq-used`` inside it is touched on every use; past ``env_cache_max_bytes``
   the least recently used environments that nobody holds are removed.
 
-With a :class:`BuildBox` (the worker's sandbox), uv — and whatever a package's
-``setup.py`` runs — runs as the unprivileged build uid inside bubblewrap: it sees the
-system read-only, the folder being built, uv's cache and the job's requirements, and
-not the data dir; it keeps the host's network (for the package index). The built
-environment then belongs to the worker and is read-only to everyone else, jobs included.
-A stop asked for during the build ends it.
+With a :class:`~labq.process_unit.envbuild.BuildBox` (the worker's sandbox) uv runs
+boxed (process_unit/envbuild.py): as the unprivileged build uid inside bubblewrap, in a
+cgroup with a job's limits, seeing the system read-only, the folder being built, uv's
+cache and the job's requirements — not the data dir. An install goes in two steps, so
+that no package's code ever runs where it could poison what other builds use:
+
+1. **wheels only** (``--no-build``): no package code runs, so uv may use and fill the
+   shared cache (``<work dir>/uv-cache``, owned by the build uid);
+2. only when a package must be built from source (its ``setup.py`` or build backend
+   runs): the same install again in a fresh venv, with a cache of this build alone that
+   is thrown away afterwards. The shared cache is not even mounted: a malicious build
+   can spoil nothing but its own environment. Such a build needs a network of its own
+   (slirp4netns, without the host's loopback) or none (``LABQ_UV_OFFLINE``); a worker
+   that can give neither refuses it, saying what to install.
+
+The built environment then belongs to the worker and is read-only to everyone else,
+jobs included; its package list is read by the worker from the files (envlock.py).
+The build's time limit and a stop asked for during the build end it.
 """
 
 from __future__ import annotations
@@ -33,36 +45,33 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
-from labq.process_unit.netbox import RESOLV_CONF, JobNetwork, slirp_binary
+from labq.process_unit.envbuild import (
+    BuildBox,
+    BuildStoppedError,
+    Network,
+    UvCommand,
+    UvRunner,
+    uv_binary,
+)
+from labq.process_unit.envlock import write_lock
 from labq.shared.errors import EnvironmentBuildError
 from labq.shared.settings import Settings
 from labq.shared.storage import Storage
 
+__all__ = ["BuildBox", "BuildStoppedError", "EnvCache", "uv_binary"]
+
 log = logging.getLogger(__name__)
 
 USED_MARKER = ".labq-used"
-#: Variables a boxed build keeps from the worker's environment: uv's own settings, CA
-#: certificates and proxies (how to reach the index), nothing else.
-BUILD_ENV_KEEP = ("UV_", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY",
-                  "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
-
-
-class BuildStoppedError(EnvironmentBuildError):
-    """Raised when the user stopped a job while its environment was being built."""
-
-    code = "build_stopped"
-#: Lines of uv's output left out of the job log: terminal advice about a temporary path.
-UV_TERMINAL_HINTS = ("Activate with:",)
-#: How much of uv's message goes into the job's ``error`` field.
-ERROR_TAIL_CHARS = 1500
+#: What uv says when ``--no-build`` met a package it would have to build from source.
+NEEDS_SOURCE_BUILD = ("--no-build", "building source distributions is disabled",
+                      "building from source is disabled", "has no usable wheels")
 
 
 def normalize_requirements(text: str) -> str:
@@ -124,18 +133,6 @@ def interpreter_identity(python: str) -> str:
     return f"{python}\n{out.strip()}"
 
 
-def uv_binary() -> str:
-    try:
-        from uv import find_uv_bin  # the PyPI package ships the binary
-
-        return find_uv_bin()
-    except (ImportError, FileNotFoundError):
-        found = shutil.which("uv")
-        if found:
-            return found
-    raise EnvironmentBuildError("uv is not installed on this worker")
-
-
 def dir_bytes(path: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
@@ -143,14 +140,6 @@ def dir_bytes(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
-
-
-@dataclass(frozen=True)
-class BuildBox:
-    """How builds are boxed: run as ``uid`` via the launcher, inside ``bwrap`` if set."""
-
-    uid: int
-    bwrap: str | None = None
 
 
 def _chown_tree(path: Path, uid: int) -> None:
@@ -183,6 +172,8 @@ class EnvCache:
         self.root = settings.resolved_work_dir / "envs"
         self.python = settings.job_python or sys.executable
         self.uv_cache = settings.resolved_work_dir / "uv-cache"
+        self.runner = UvRunner(settings, box)
+        self._deadline = time.monotonic() + settings.env_build_timeout_s
 
     def key(self, requirements: str, included: list[Path] | None = None) -> str:
         material = normalize_requirements(requirements) + "\n--\n" + interpreter_identity(
@@ -233,159 +224,107 @@ class EnvCache:
                 log.exception("environment cache eviction failed")
             yield env
 
-    def _uv_env(self) -> dict[str, str]:
-        # uv needs no labq setting; keep broker/database URLs away from it too.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LABQ_")}
-        if self.box is not None:
-            # Boxed: from scratch, keeping only how to reach the package index.
-            env = {k: v for k, v in env.items() if k.startswith(BUILD_ENV_KEEP)}
-            env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME="/tmp", LANG="C.UTF-8",
-                       # The cache and the environment are separate bind mounts (no
-                       # hardlinks across them), and jobs never see the cache: copy.
-                       UV_LINK_MODE="copy")
-        env.pop("VIRTUAL_ENV", None)
-        env["UV_CACHE_DIR"] = str(self.uv_cache)
-        env["UV_PYTHON_DOWNLOADS"] = "never"
-        env["UV_NO_PROGRESS"] = "1"
-        return env
+    # -- building ------------------------------------------------------------------
+    def _run_uv(self, cmd: UvCommand, log_file: BinaryIO) -> list[str]:
+        return self.runner.run(cmd, log_file, deadline=self._deadline,
+                               cancelled=getattr(self, "_cancelled", lambda: False))
 
-    def _boxed_uv(self, args: list[str], binds: list[Path], ro_binds: list[Path],
-                  net: JobNetwork | None = None) -> list[str]:
-        """uv's argv: as is, or through the launcher as the build uid inside bwrap (with
-        ``net``: in a network namespace of its own, routed out by slirp4netns)."""
-        uv = self._uv_copy() if self.box else uv_binary()
+    def _index_network(self) -> Network | None:
+        """The network an install that may run package code gets (None: none may be
+        given: online, without slirp4netns)."""
         if self.box is None:
-            return [uv, *args]
-        from labq.process_unit.isolation import system_links
-        from labq.process_unit.sandbox import LAUNCHER
+            return Network.HOST  # unboxed (LABQ_SANDBOX=off): as the worker, as is
+        if self.settings.uv_offline:
+            return Network.NONE
+        if self.box.bwrap and self.box.slirp:
+            return Network.OWN
+        return None
 
-        launch = [sys.executable, "-I", "-S", str(LAUNCHER), "--parent", str(os.getpid()),
-                  "--rlimit", "CORE=0", "--uid", str(self.box.uid)]
-        if net is not None:
-            launch += ["--netns", ",".join(str(fd) for fd in net.child_fds())]
-        launch.append("--")
-        if not self.box.bwrap:
-            return [*launch, uv, *args]
-        resolv = ["--ro-bind", str(self._resolv_conf()), "/etc/resolv.conf"] if net else []
-        jail = [self.box.bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc",
-                "--unshare-uts", "--die-with-parent", "--new-session",
-                "--ro-bind", "/usr", "/usr", *system_links(), "--ro-bind", "/etc", "/etc",
-                *resolv,
-                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-                "--ro-bind", uv, uv]
-        for path in ro_binds:
-            jail += ["--ro-bind", str(path), str(path)]
-        for path in binds:
-            jail += ["--bind", str(path), str(path)]
-        return [*launch, *jail, "--remount-ro", "/", uv, *args]
+    def _make_venv(self, tmp: Path, ro_binds: list[Path], log_file: BinaryIO) -> None:
+        self._run_uv(UvCommand(
+            ["venv", "--relocatable", "--no-config", "--python", self.python, str(tmp)],
+            "creating the environment", self.uv_cache, [tmp], ro_binds), log_file)
 
-    def _resolv_conf(self) -> Path:
-        path = self.settings.resolved_work_dir / "bin" / "resolv.conf"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(RESOLV_CONF)
-            os.chmod(path, 0o644)
-        return path
-
-    def _uv_copy(self) -> str:
-        """uv, copied where the build uid may run it (labq's own venv may be private)."""
-        target = self.settings.resolved_work_dir / "bin" / "uv"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".uv.{os.getpid()}")
-            shutil.copy2(uv_binary(), tmp)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, target)
-        return str(target)
-
-    def _run_uv(self, args: list[str], log_file: BinaryIO, what: str,
-                binds: list[Path] | None = None, ro_binds: list[Path] | None = None) -> None:
-        """Run uv with its output copied line by line into the job log, minus lines that
-        only make sense in a terminal (``Activate with: source <temporary path>``)."""
-        log_file.flush()
-        proc, net = self._start_uv(args, binds or [], ro_binds or [])
-        watch = _BuildWatch(proc, self.settings.env_build_timeout_s,
-                            getattr(self, "_cancelled", lambda: False))
+    def _install(self, tmp: Path, requirements: Path, ro_binds: list[Path],
+                 log_file: BinaryIO) -> None:
+        """Install requirements.txt into the venv at ``tmp``: wheels only first, with the
+        shared cache; from source only if needed, with a cache of this build alone."""
+        cmd = ["pip", "install", "--no-config", "--python", str(tmp / "bin" / "python"),
+               "-r", str(requirements)]
+        if self.settings.uv_offline:
+            cmd.append("--offline")
+        if self.settings.uv_find_links:
+            cmd += ["--find-links", self.settings.uv_find_links]
+        what = "installing requirements.txt"
+        network = self._index_network()
+        if self.box is None:
+            self._run_uv(UvCommand(cmd, what, self.uv_cache, [tmp], ro_binds), log_file)
+            return
+        # uv alone may use the host's network when nothing better exists: no package's
+        # code runs in a wheels-only install.
+        wheels = UvCommand([*cmd, "--no-build"], what, self.uv_cache, [tmp], ro_binds,
+                           network or Network.HOST)
         try:
-            kept = _copy_uv_output(proc, log_file)
-            returncode = proc.wait()
-        finally:
-            watch.close()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if net is not None:
-                net.close()
-        if watch.stopped.is_set():
-            raise BuildStoppedError(f"{what} was stopped by the user")
-        if watch.expired.is_set():
-            raise EnvironmentBuildError(
-                f"{what} took longer than {self.settings.env_build_timeout_s} s; gave up")
-        if returncode != 0:
-            # uv's chatter about which interpreter it uses says nothing about the failure.
-            lines = [line for line in kept if line.strip()
-                     and not line.startswith(("Using Python", "Using CPython"))]
-            tail = "\n".join(lines)[-ERROR_TAIL_CHARS:]
-            tail = tail or f"uv exited {returncode}"
-            raise EnvironmentBuildError(f"{what} failed: {tail}")
-
-    def _start_uv(self, args: list[str], binds: list[Path],
-                  ro_binds: list[Path]) -> tuple[subprocess.Popen, JobNetwork | None]:
-        # A boxed build reaches the package index through slirp4netns, never the host's
-        # loopback (the broker, the database): what a package's setup.py does included.
-        # Without slirp4netns it shares the host's network (the README says so).
-        net = JobNetwork.prepare() if self.box and self.box.bwrap and slirp_binary() \
-            else None
-        proc = None
-        try:
-            proc = subprocess.Popen(
-                self._boxed_uv(args, binds, ro_binds, net),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=self._uv_env(), start_new_session=True,
-                pass_fds=net.child_fds() if net else ())
-            if net is not None:
-                net.start()
-        except BaseException:
-            if proc is not None:
-                proc.kill()
-                proc.wait()
-            if net is not None:
-                net.close()
+            self._run_uv(wheels, log_file)
+            return
+        except BuildStoppedError:
             raise
-        return proc, net
+        except EnvironmentBuildError as exc:
+            if not any(hint in exc.message.lower() for hint in NEEDS_SOURCE_BUILD):
+                raise
+        if network is None or not self.box.bwrap:
+            raise EnvironmentBuildError(
+                "a package of requirements.txt must be built from source, and this worker "
+                "cannot give a build from source a box of its own ("
+                + ("no bubblewrap" if not self.box.bwrap else
+                   "no slirp4netns: it would share the host's network, loopback included")
+                + "): install bubblewrap and slirp4netns on the worker, or use wheels only")
+        _note(log_file, "labq: a package must be built from source (see above): installing "
+                        "again, building it in a cache of this build alone")
+        self._source_build(tmp, cmd, what, network, ro_binds, log_file)
+
+    def _source_build(self, tmp: Path, cmd: list[str], what: str, network: Network,
+                      ro_binds: list[Path], log_file: BinaryIO) -> None:
+        """The install with package code running: a fresh venv, and a private uv cache
+        that is thrown away, so nothing it does reaches another build."""
+        assert self.box is not None
+        shutil.rmtree(tmp)
+        tmp.mkdir(mode=0o700)
+        name = tmp.name.removeprefix(".build-")
+        private = Path(tempfile.mkdtemp(dir=self.root, prefix=f".build-cache-{name}"))
+        try:
+            if self.box.uid is not None:
+                for path in (tmp, private):
+                    os.chown(path, self.box.uid, self.box.uid)
+            self._make_venv(tmp, ro_binds, log_file)
+            self._run_uv(UvCommand(cmd, what, private, [tmp], ro_binds, network), log_file)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
 
     def _build(self, key: str, requirements: Path | None, log_file: BinaryIO) -> None:
         env = self.root / key
         _note(log_file, f"labq: building environment {key[:12]} with uv")
         started = time.monotonic()
+        self._deadline = started + self.settings.env_build_timeout_s
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".build-{key[:12]}-"))
         self.uv_cache.mkdir(parents=True, exist_ok=True)
-        binds = [tmp, self.uv_cache]
         ro_binds = [requirements.parent] if requirements is not None else []
         if self.settings.uv_find_links and Path(self.settings.uv_find_links).is_dir():
             ro_binds.append(Path(self.settings.uv_find_links))
-        if self.box is not None:
+        if self.box is not None and self.box.uid is not None:
             _chown_tree(tmp, self.box.uid)
             # Only the build uid writes uv's cache: hand it over once, not at every build.
             if self.uv_cache.stat().st_uid != self.box.uid:
                 _chown_tree(self.uv_cache, self.box.uid)
         try:
-            self._run_uv(
-                ["venv", "--relocatable", "--no-config", "--python", self.python, str(tmp)],
-                log_file, "creating the environment", binds, ro_binds,
-            )
+            self._make_venv(tmp, ro_binds, log_file)
             if requirements is not None:
-                cmd = ["pip", "install", "--no-config", "--python", str(tmp / "bin" / "python"),
-                       "-r", str(requirements)]
-                if self.settings.uv_offline:
-                    cmd.append("--offline")
-                if self.settings.uv_find_links:
-                    cmd += ["--find-links", self.settings.uv_find_links]
-                self._run_uv(cmd, log_file, "installing requirements.txt", binds, ro_binds)
+                self._install(tmp, requirements, ro_binds, log_file)
             (tmp / USED_MARKER).touch()
             # Built by the build uid (or in a 0700 mkdtemp): the worker takes it over, and
             # every job uid may read and run it, none may write.
             _seal(tmp)
+            write_lock(tmp)  # read from the files by the worker: no interpreter started
             if env.exists():  # a half-removed leftover (eviction or crash): replace it
                 shutil.rmtree(env, ignore_errors=True)
             os.rename(tmp, env)
@@ -433,48 +372,3 @@ class EnvCache:
 def _note(log_file: BinaryIO, text: str) -> None:
     log_file.write((text + "\n").encode())
     log_file.flush()
-
-
-class _BuildWatch:
-    """Ends a running uv when it outlives its time limit or the user stops the job."""
-
-    def __init__(self, proc: subprocess.Popen, timeout_s: float,
-                 cancelled: Callable[[], bool]) -> None:
-        self.proc = proc
-        self.cancelled = cancelled
-        self.expired = threading.Event()
-        self.stopped = threading.Event()
-        self.done = threading.Event()
-        self.timer = threading.Timer(timeout_s, self._expire)
-        self.timer.start()
-        threading.Thread(target=self._watch_stop, name="labq-build-stop", daemon=True).start()
-
-    def _expire(self) -> None:
-        self.expired.set()
-        self.proc.kill()
-
-    def _watch_stop(self) -> None:
-        while not self.done.wait(0.2):
-            if self.cancelled():
-                self.stopped.set()
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, 9)
-                return
-
-    def close(self) -> None:
-        self.done.set()
-        self.timer.cancel()
-
-
-def _copy_uv_output(proc: subprocess.Popen, log_file: BinaryIO) -> list[str]:
-    """Copy uv's output into the job log as it comes; return the lines kept."""
-    kept: list[str] = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode("utf-8", "replace")
-        if line.lstrip().startswith(UV_TERMINAL_HINTS):
-            continue
-        log_file.write(raw)
-        log_file.flush()
-        kept.append(line.rstrip("\n"))
-    return kept

@@ -6,13 +6,16 @@ The layers (README, "What a job can reach"):
 * **bwrap** — bubblewrap namespaces (pid, ipc, uts, mount, user): the job sees only
   its own folder, its environment and read-only system folders;
 * **network isolation** — a network namespace with nothing but its own loopback;
+* **slirp4netns** — a route out without the host's loopback, for network jobs and for
+  builds that run a package's code while reaching the package index;
 * **cgroup** — v2 or v1 limits on memory, processes and CPU, and a kill that misses
   nothing;
 * **rlimits** — FSIZE, NOFILE, CORE=0, NPROC (with the job's own uid), AS (only
   without a memory cgroup: it breaks threaded code).
 
 ``LABQ_SANDBOX=auto`` uses every layer that works here and logs which; ``required``
-refuses to start without all of them; ``off`` runs jobs as the worker (development).
+refuses to start without all of them (slirp4netns included); ``off`` runs jobs as the
+worker (development).
 The report is published with the worker's status so ``/readyz`` and the stats show it.
 """
 
@@ -28,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from labq.process_unit import cgroups
+from labq.process_unit.netbox import slirp_binary
 from labq.process_unit.uidpool import parse_range
 from labq.shared.errors import ConfigError
 from labq.shared.settings import Settings
@@ -45,6 +49,7 @@ class Layers:
     uid_pool: bool = False
     bwrap: bool = False
     network_isolation: bool = False
+    slirp4netns: bool = False
     cgroup: str | None = None  # "v2", "v1" or None
     rlimits: bool = True
     #: Why a layer is missing, for the log and /readyz.
@@ -52,7 +57,8 @@ class Layers:
 
     @property
     def complete(self) -> bool:
-        return self.uid_pool and self.bwrap and self.network_isolation and bool(self.cgroup)
+        return (self.uid_pool and self.bwrap and self.network_isolation
+                and self.slirp4netns and bool(self.cgroup))
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -63,6 +69,7 @@ class Layers:
     def describe(self) -> str:
         on = [name for name, active in (("uid pool", self.uid_pool), ("bwrap", self.bwrap),
                                         ("network isolation", self.network_isolation),
+                                        ("slirp4netns", self.slirp4netns),
                                         (f"cgroup {self.cgroup}", bool(self.cgroup)),
                                         ("rlimits", self.rlimits)) if active]
         text = f"sandbox {self.mode}: " + (", ".join(on) or "no layer")
@@ -129,11 +136,16 @@ def probe(settings: Settings) -> Layers:
             missing.append(f"bwrap: {why}")
     if not net_ok:
         missing.append("network isolation: needs bwrap")
+    slirp = slirp_binary() is not None
+    if not slirp:
+        missing.append("slirp4netns: not installed (apt-get install slirp4netns), so no "
+                       "network job can run and no package can be built from source unless "
+                       "LABQ_UV_OFFLINE (a build must not share the host's loopback)")
     layout = cgroups.detect() if root else None
     if layout is None:
         missing.append("cgroup: no writable memory and pids cgroup for this worker")
     layers = Layers(mode=mode, uid_pool=root, bwrap=bwrap_ok, network_isolation=net_ok,
-                    cgroup=layout, rlimits=True, missing=tuple(missing))
+                    slirp4netns=slirp, cgroup=layout, rlimits=True, missing=tuple(missing))
     if mode == "required" and not layers.complete:
         raise ConfigError("LABQ_SANDBOX=required but this host lacks: " + "; ".join(missing))
     return layers

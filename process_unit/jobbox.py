@@ -144,10 +144,22 @@ class HostSandbox:
         return work / ".uids"
 
     def build_box(self) -> BuildBox | None:
-        """How environment builds are boxed here (None: as the worker, unboxed)."""
-        if not self.layers.uid_pool:
+        """How environment builds are boxed here: as the build uid (root) or the worker's
+        (bwrap alone), with a job's cgroup limits and rlimits. None: unboxed, as the
+        worker (the sandbox is off, or this host gives neither a uid nor bubblewrap)."""
+        if self.layers.mode == "off" or not (self.layers.uid_pool or self.bwrap):
             return None
-        return BuildBox(uid=self.settings.build_uid, bwrap=self.bwrap)
+        settings, cgroup = self.settings, self.layers.cgroup
+        # The memory a job gets by default; NPROC only without a pids cgroup (the build
+        # uid is shared by every build of this host, so it bounds them all together).
+        memory_mb = settings.default_memory_mb
+        rlimits = self._rlimits(memory_mb, settings.env_cache_max_bytes,
+                                own_uid=self.layers.uid_pool and not cgroup,
+                                memory_cgroup=bool(cgroup))
+        return BuildBox(uid=settings.build_uid if self.layers.uid_pool else None,
+                        bwrap=self.bwrap, cgroup=cgroup, memory_mb=memory_mb,
+                        max_procs=settings.job_max_procs, rlimits=rlimits,
+                        slirp=self.layers.slirp4netns)
 
     def report(self) -> dict:
         return {"host": socket.gethostname(), **self.layers.to_json()}

@@ -136,6 +136,44 @@ def test_up_runs_jobs_restarts_a_dead_worker_and_stops_cleanly(broker, tmp_path)
         up.close()
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_up_restarts_a_backend_that_dies(broker, tmp_path):
+    up = Up(tmp_path, workers=1)
+    try:
+        up.wait_for(f"labq is running at {up.url} (1 worker) — Ctrl-C to stop")
+        backend = next(k for k in children_of(up.proc.pid) if " backend" in _cmdline(k))
+        # When the backend dies (a crash, or a job that managed to kill it)
+        os.kill(backend, signal.SIGKILL)
+        # Then labq up says so, starts it again and the API comes back
+        up.wait_for(f"backend (pid {backend}) exited with code -9; restarting it in 1 s",
+                    timeout=20)
+        up.wait_for("restarted backend", timeout=30)
+
+        def serving() -> bool:
+            try:
+                return requests.get(f"{up.url}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(serving, timeout=90, message=f"the backend back\n{up.output}")
+        again = [k for k in children_of(up.proc.pid) if " backend" in _cmdline(k)]
+        assert len(again) == 1 and again[0] != backend, up.output
+        # and it works: a job goes through it end to end
+        result = subprocess.run(
+            [sys.executable, "-m", "labq.client.cli", "submit", str(REPO / "examples" / "hello"),
+             "--wait"], cwd=REPO, env={**up.env}, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (result.stdout, result.stderr, up.output)
+        assert up.proc.poll() is None
+    finally:
+        up.close()
+
+
 def test_up_refuses_a_port_in_use(broker, tmp_path):
     import socket
 

@@ -9,53 +9,40 @@ every layer (not root, no bubblewrap) these tests skip, saying why — and fail 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import resource
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import LabqSystem, pid_alive, wait_until
+from sandbox_kit import BOXED_ENV, layers_of, processes_with, require_sandbox_host, run
+
+from labq.process_unit import isolation
+from labq.process_unit.jobbox import HostSandbox
+from labq.process_unit.sandbox import build_command
+from labq.shared.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 ESCAPE_MARK = "labq-escapee-7f3a"
 
 
-def _layers(system: LabqSystem) -> dict:
-    folder = system.data_dir / "workers"
-    wait_until(lambda: len(list(folder.glob("*.json"))) >= 2, timeout=30,
-               message="both workers' sandbox reports")
-    return json.loads(next(folder.glob("*.json")).read_text())
-
-
 @pytest.fixture(scope="module")
 def boxed(broker: str, tmp_path_factory: pytest.TempPathFactory):
-    if os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("slirp4netns"):
-        why = ("the sandbox tests need root, bubblewrap and slirp4netns "
-               "(apt-get install bubblewrap slirp4netns)")
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    system = LabqSystem(tmp_path_factory.mktemp("boxed"), workers=2, env={
-        "LABQ_JOB_MAX_PROCS": "64", "LABQ_JOB_TMP_MB": "32", "LABQ_STOP_GRACE_S": "1",
-        "LABQ_ALLOW_NETWORK": "1"})
+    require_sandbox_host()
+    system = LabqSystem(tmp_path_factory.mktemp("boxed"), workers=2, env=BOXED_ENV)
     try:
         system.start()
-        layers = _layers(system)
-        assert layers.get("complete"), f"sandbox incomplete on this host: {layers}"
+        layers = layers_of(system)
+        assert all(w.get("complete") for w in layers), f"sandbox incomplete here: {layers}"
         yield system
     finally:
         system.stop()
-
-
-def run(system: LabqSystem, code: str, toml: str = "", **files: str) -> tuple[dict, str]:
-    bundle = {"code.py": code, **files}
-    if toml:
-        bundle["labq.toml"] = toml
-    job = system.submit(bundle)
-    done = system.wait_done(job["id"], timeout=90)
-    return done, system.log(job["id"])
 
 
 def test_a_job_runs_as_its_own_uid_never_root(boxed: LabqSystem):
@@ -65,21 +52,61 @@ def test_a_job_runs_as_its_own_uid_never_root(boxed: LabqSystem):
     assert 60000 <= uid <= 60999 and uid != os.getuid(), log
 
 
+TAMPER = """
+import os, sys
+for target in sys.argv[1:]:
+    try:
+        with open(target, "rb") as handle:
+            handle.read(1)
+        print("READ", target)
+    except OSError as exc:
+        print("NO-READ", target, type(exc).__name__)
+    try:
+        with open(target, "r+b") as handle:  # rewrite in place
+            handle.write(b"FORGED")
+        print("REWROTE", target)
+    except OSError as exc:
+        print("NO-REWRITE", target, type(exc).__name__)
+    try:
+        with open(target + ".new", "wb") as handle:  # or replace it whole
+            handle.write(b"FORGED")
+        os.replace(target + ".new", target)
+        print("REPLACED", target)
+    except OSError as exc:
+        print("NO-REPLACE", target, type(exc).__name__)
+"""
+
+
 def test_a_job_can_neither_read_nor_rewrite_labq_data(boxed: LabqSystem):
-    # Given a finished job of someone else, and labq's database and bundles
-    victim, _ = run(boxed, "print('victim')")
-    targets = [boxed.data_dir / "labq.db", boxed.data_dir / "jobs" / victim["id"] / "log.txt",
-               boxed.data_dir / "bundles", boxed.data_dir / "admin-token"]
-    code = "import sys\nfor t in sys.argv[1:]:\n" \
-           "    try:\n        open(t, 'a').write('FORGED')\n        print('WROTE', t)\n" \
-           "    except OSError as e:\n        print('DENIED', t, type(e).__name__)\n"
-    toml = f"args = {json.dumps([str(t) for t in targets])}\n"
-    # When a job tries to append to each of them
-    done, log = run(boxed, code, toml)
-    # Then none is even there for it, and the victim's log is unchanged
+    # Given another user's finished job with a log, results and an outcome, and labq's
+    # database, bundles and admin token
+    victim, _ = run(boxed, "import pathlib\nprint('the true log')\n"
+                           "pathlib.Path('output/r.txt').write_text('the true result')\n")
+    assert victim["outcome"] == "succeeded"
+    data, jobs = boxed.data_dir, boxed.data_dir / "jobs" / victim["id"]
+    api = boxed.api(f"/api/v1/jobs/{victim['id']}")
+    sha = boxed.http.get(f"{api}/receipt", timeout=10).json()["bundle_sha256"]
+    targets = [data / "labq.db", data / "admin-token", data / "bundles" / sha[:2] / f"{sha}.zip",
+               jobs / "log.txt", jobs / "results.zip", jobs / "results" / "r.txt",
+               jobs / "outcome.json", jobs / "environment.json"]
+    assert all(t.is_file() for t in targets), [t for t in targets if not t.is_file()]
+    before = {t: t.read_bytes() for t in targets}
+    # When a job tries to read each, rewrite it in place and replace it
+    done, log = run(boxed, TAMPER, f"args = {json.dumps([str(t) for t in targets])}\n")
+    # Then every try fails: none of it is even there for the job
     assert done["outcome"] == "succeeded", log
-    assert "WROTE" not in log and log.count("DENIED") == len(targets), log
-    assert "FORGED" not in boxed.log(victim["id"])
+    for word in ("READ", "REWROTE", "REPLACED"):
+        assert f"\n{word} " not in log, log
+    for word in ("NO-READ", "NO-REWRITE", "NO-REPLACE"):
+        assert log.count(f"{word} ") == len(targets), log
+    # and the files, and what the API serves from them, are the true ones
+    assert {t: t.read_bytes() for t in targets} == before
+    assert "the true log" in boxed.log(victim["id"]) and "FORGED" not in boxed.log(victim["id"])
+    result = boxed.http.get(f"{api}/results/files/r.txt", timeout=10)
+    assert (result.status_code, result.text) == (200, "the true result")
+    again = boxed.job(victim["id"])
+    assert (again["state"], again["outcome"]) == ("stopped", "succeeded")
+    assert boxed.http.get(f"{api}/receipt", timeout=10).json()["bundle_sha256"] == sha
 
 
 def test_a_job_cannot_poison_the_shared_environment(boxed: LabqSystem):
@@ -118,41 +145,54 @@ def test_a_job_cannot_kill_the_workers_or_the_backend(boxed: LabqSystem):
     assert boxed.http.get(boxed.api("/healthz"), timeout=5).status_code == 200
 
 
-ESCAPE = f"""
-import os, sys, time
+#: Escapes every way a process can leave its job short of changing uid: fork, a new
+#: session, fork again, an empty environment (no token to be found by), its parent gone.
+ESCAPE = """
+import os, select, sys
+r, w = os.pipe()
+os.set_inheritable(w, True)
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
-        # A grandchild with an empty environment: no token, no parent, its own session.
-        os.execve(sys.executable, [sys.executable, "-c",
-            "import time; b = bytearray(200 * 1024 * 1024); time.sleep(600)",
-            "{ESCAPE_MARK}"], {{}})
+        os.execve(sys.executable, [sys.executable, "-c", GRANDCHILD, MARK], {})
     os._exit(0)
-time.sleep(1.0)
-print("main exits")
+os.close(w)
+os.wait()
+print("escaped", flush=True)
+# The pipe reads EOF once the grandchild (the last holder of w) has ended.
+ready, _, _ = select.select([r], [], [], WAIT)
+print("ESCAPEE ENDED" if ready and os.read(r, 1) == b"" else "ESCAPEE STILL RUNNING", flush=True)
 """
+HOG = "import time; b = bytearray(200 * 1024 * 1024); time.sleep(600)"
 
 
-def _escapees() -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if ESCAPE_MARK.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
-                    found.append(int(name))
-            except OSError:
-                continue
-    return found
+def _escape(grandchild: str, mark: str, wait_s: int) -> str:
+    return ESCAPE.replace("GRANDCHILD", repr(grandchild)).replace("MARK", repr(mark)) \
+        .replace("WAIT", str(wait_s))
 
 
-def test_an_escaped_grandchild_is_bounded_by_the_memory_limit_and_dies_with_the_job(
+def test_an_escaped_grandchild_is_killed_by_the_memory_cgroup_and_the_job_says_so(
         boxed: LabqSystem):
-    # Given a job limited to 64 MB whose grandchild escapes (fork, setsid, fork,
-    # execve with env={}) and tries to hold 200 MB
-    done, log = run(boxed, ESCAPE, "memory_mb = 64\n")
-    # Then the kernel never let it have the memory, and nothing of the job survives it
-    assert "main exits" in log, log
-    wait_until(lambda: not _escapees(), timeout=10, message="no escaped process left")
+    # Given a job limited to 64 MB whose grandchild escapes and allocates 200 MB
+    done, log = run(boxed, _escape(HOG, ESCAPE_MARK, 60), "memory_mb = 64\n")
+    # Then the kernel killed the grandchild at the limit while the job's main process
+    # lived on (the worker's RSS poll would have killed them all: only the cgroup
+    # ends the one process over the limit), and the outcome says out of memory
+    assert "ESCAPEE ENDED" in log, log
+    assert (done["state"], done["outcome"]) == ("stopped", "error"), done
+    assert done["error"].startswith("out of memory (limit 64 MB)"), done["error"]
+    assert not processes_with(ESCAPE_MARK)
+
+
+def test_a_timeout_kills_an_escaped_grandchild(boxed: LabqSystem):
+    mark = f"{ESCAPE_MARK}-timeout"
+    job = boxed.submit({"code.py": _escape("import time; time.sleep(600)", mark, 600),
+                        "labq.toml": "timeout_s = 5\n"})
+    wait_until(lambda: processes_with(mark), timeout=60, message="the escaped grandchild")
+    done = boxed.wait_done(job["id"], timeout=60)
+    assert (done["state"], done["outcome"]) == ("stopped", "timeout"), done
+    assert "escaped" in boxed.log(job["id"])
+    wait_until(lambda: not processes_with(mark), timeout=10, message="no escapee left")
 
 
 def test_dev_shm_and_tmp_are_private_and_bounded(boxed: LabqSystem):
@@ -180,6 +220,104 @@ def test_a_fork_bomb_hits_the_process_limit(boxed: LabqSystem):
     done, log = run(boxed, code)
     made = int(log.split("FORKED ", 1)[1].split()[0])
     assert made < 64, log
+
+
+RLIMITS = """
+import errno, os, resource, time
+for name in ("CORE", "NOFILE", "FSIZE", "NPROC", "AS"):
+    print("RLIMIT", name, *resource.getrlimit(getattr(resource, "RLIMIT_" + name)))
+try:  # a job cannot raise its own limits
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20)); print("RAISED")
+except (ValueError, OSError):
+    print("CANNOT RAISE")
+files = []
+try:
+    while len(files) < 100000:
+        files.append(open("/dev/null"))
+except OSError as exc:
+    print("OPEN FAILED AT", len(files), errno.errorcode[exc.errno])
+for handle in files:
+    handle.close()
+try:  # outside output/: FSIZE, not the output cap, must stop it
+    with open("big.bin", "wb") as handle:
+        for _ in range(70):
+            handle.write(b"x" * (1 << 20))
+    print("WROTE 70 MB")
+except OSError as exc:
+    print("WRITE FAILED", errno.errorcode[exc.errno], os.path.getsize("big.bin") >> 20, "MB")
+os.remove("big.bin")
+kids = []
+for _ in range(FORKS):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(20); os._exit(0)
+    kids.append(pid)
+print("FORKED", len(kids))
+"""
+
+
+def test_a_job_gets_the_rlimits_backstop(boxed: LabqSystem):
+    done, log = run(boxed, RLIMITS.replace("FORKS", "0"), "max_output_mb = 1\n")
+    assert done["outcome"] == "succeeded", log
+    nofile = boxed.settings.job_max_open_files
+    assert "RLIMIT CORE 0 0" in log, log
+    assert f"RLIMIT NOFILE {nofile} {nofile}" in log, log
+    assert f"RLIMIT FSIZE {64 << 20} {64 << 20}" in log, log  # the output cap, 64 MB at least
+    assert "RLIMIT NPROC 64 64" in log, log  # the job's own uid: LABQ_JOB_MAX_PROCS
+    infinity = resource.RLIM_INFINITY
+    assert f"RLIMIT AS {infinity} {infinity}" in log, log  # a memory cgroup exists
+    assert "CANNOT RAISE" in log, log
+    opened = int(log.split("OPEN FAILED AT ", 1)[1].split()[0])
+    assert nofile - 10 < opened < nofile and "EMFILE" in log, log
+    assert "WRITE FAILED EFBIG 64 MB" in log, log
+
+
+@pytest.fixture()
+def host_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="labq-rlimits-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run_direct(sandbox: HostSandbox, root: Path, code: str, memory_mb: int) -> str:
+    """One job run straight through the sandbox (launcher, uid, bwrap), no worker."""
+    workspace = root / "ws"
+    project = workspace / "project"
+    project.mkdir(parents=True)
+    for folder in ("home", "tmp"):
+        (workspace / folder).mkdir()
+    (project / "code.py").write_text(code)
+    env_dir = root / "env"
+    (env_dir / "bin").mkdir(parents=True)
+    os.symlink(sandbox.settings.job_python, env_dir / "bin" / "python")
+    os.chmod(env_dir, 0o755)
+    with sandbox.open(workspace=workspace, memory_mb=memory_mb, cpus=0, max_output_bytes=0,
+                      network=False, name=f"labq-test-{os.getpid()}") as box:
+        command = build_command(env_dir=env_dir, project=project, workspace=workspace,
+                                entrypoint="code.py", args=[], user_env={}, job_id="t" * 32,
+                                attempt=1, token="labqtest", jail=box.jail)
+        done = subprocess.run(command.argv, env=command.env, cwd=command.cwd, timeout=120,
+                              capture_output=True, text=True, pass_fds=command.pass_fds)
+    return done.stdout + done.stderr
+
+
+def test_without_a_memory_cgroup_a_job_gets_an_address_space_limit_and_nproc_holds(
+        host_root: Path):
+    require_sandbox_host()
+    # Given a host whose sandbox has every layer but the cgroup
+    settings = Settings(data_dir=host_root / "data", work_dir=host_root, job_max_procs=32)
+    layers = dataclasses.replace(isolation.probe(settings), cgroup=None)
+    sandbox = HostSandbox(settings, layers)
+    out = run_direct(sandbox, host_root, RLIMITS.replace("FORKS", "100"), memory_mb=300)
+    # Then AS stands in for the memory cgroup (4 x memory_mb, 1 GB at least), and NPROC
+    # (the job's own uid) alone holds a fork loop to LABQ_JOB_MAX_PROCS
+    assert f"RLIMIT AS {1200 << 20} {1200 << 20}" in out, out
+    assert "RLIMIT NPROC 32 32" in out and "RLIMIT CORE 0 0" in out, out
+    assert 0 < int(out.split("FORKED ", 1)[1].split()[0]) < 32, out
 
 
 def test_readyz_and_stats_show_each_workers_layers(boxed: LabqSystem):
@@ -219,69 +357,3 @@ def test_a_network_job_gets_a_route_out_but_never_the_hosts_loopback(boxed: Labq
     assert done["outcome"] == "succeeded", log
     assert "route out 10.0.2." in log, log
     assert "loopback BLOCKED BLOCKED BLOCKED" in log, log
-
-
-
-BUILD_PROBE = """
-import os, socket
-print("BUILD UID", os.getuid())
-for path in DATA:
-    print("SEES" if os.path.exists(path) else "HIDDEN", path)
-for host in ("127.0.0.1", "10.0.2.2"):
-    s = socket.socket(); s.settimeout(3)
-    try:
-        s.connect((host, 5672)); print("REACHED", host)
-    except OSError:
-        print("BLOCKED", host)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.connect(("10.0.2.3", 53)); print("route out", u.getsockname()[0])
-"""
-
-
-def test_environment_builds_run_boxed_as_the_build_uid(boxed: LabqSystem, tmp_path: Path):
-    # What a package's setup.py could do while uv builds it, run by uv in the build box.
-    from labq.process_unit.envcache import BuildBox, EnvCache
-    from labq.process_unit.isolation import bwrap_binary
-    from labq.shared.settings import Settings
-
-    settings = Settings(data_dir=boxed.data_dir, work_dir=boxed.work_dir, uv_offline=True,
-                        job_python="/usr/bin/python3")
-    cache = EnvCache(settings, box=BuildBox(uid=59999, bwrap=bwrap_binary()))
-    cache.uv_cache.mkdir(parents=True, exist_ok=True)
-    os.chown(cache.uv_cache, 59999, 59999)
-    code = BUILD_PROBE.replace("DATA", repr([str(boxed.data_dir), "/var/run/postgresql"]))
-    with open(tmp_path / "log", "w+b") as log:
-        cache._run_uv(["run", "--no-project", "--offline", "--python", "/usr/bin/python3",
-                       "python", "-c", code], log, "probe", binds=[cache.uv_cache])
-        log.seek(0)
-        out = log.read().decode()
-    assert "BUILD UID 59999" in out, out
-    assert "SEES" not in out and out.count("HIDDEN") == 2, out
-    assert "REACHED" not in out and out.count("BLOCKED") == 2, out
-    assert "route out 10.0.2." in out, out
-
-
-def test_a_stop_during_the_environment_build_ends_the_build(boxed: LabqSystem, tmp_path: Path):
-    # A package whose setup.py would go on building (here: sleeping) after the user's stop.
-    import time as clock
-
-    from labq.process_unit.envcache import BuildBox, BuildStoppedError, EnvCache
-    from labq.process_unit.isolation import bwrap_binary
-    from labq.process_unit.uidpool import pids_of_uid
-    from labq.shared.settings import Settings
-
-    settings = Settings(data_dir=boxed.data_dir, work_dir=boxed.work_dir, uv_offline=True,
-                        job_python="/usr/bin/python3")
-    cache = EnvCache(settings, box=BuildBox(uid=59998, bwrap=bwrap_binary()))
-    cache.uv_cache = boxed.work_dir / "uv-cache-59998"  # its own: uid 59999 owns the other
-    cache.uv_cache.mkdir(parents=True, exist_ok=True)
-    os.chown(cache.uv_cache, 59998, 59998)
-    asked = clock.monotonic() + 1.0
-    cache._cancelled = lambda: clock.monotonic() > asked  # the user stops after 1 s
-    started = clock.monotonic()
-    with open(tmp_path / "log", "w+b") as log, pytest.raises(BuildStoppedError):
-        cache._run_uv(["run", "--no-project", "--offline", "--python", "/usr/bin/python3",
-                       "python", "-c", "import time; time.sleep(60)"], log, "building",
-                      binds=[cache.uv_cache])
-    assert clock.monotonic() - started < 10
-    wait_until(lambda: not pids_of_uid(59998), timeout=10, message="nothing of the build left")
