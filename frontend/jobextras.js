@@ -33,14 +33,19 @@
     function renderWaiting(job) {
       const box = $("#waiting");
       if (!box) return;
-      const waiting = WAITING.has(job.state) && job.queue_position != null;
+      // Held by fair share: off the queue (no place, no estimate) until one of the
+      // user's own jobs ends.
+      const held = job.state === "created" && Boolean(job.hold_reason);
+      const waiting = WAITING.has(job.state) && (job.queue_position != null || held);
       box.hidden = !waiting;
       if (!waiting) return;
-      setText($("#waiting-place"), ordinal(job.queue_position));
-      setText($("#waiting-reason"), job.waiting_reason || "");
+      setText($("#waiting-place"), held ? "held: not in the queue yet" : ordinal(job.queue_position));
+      setText($("#waiting-reason"), job.waiting_reason || job.hold_reason || "");
       const start = job.estimated_start_at ? Date.parse(job.estimated_start_at) : NaN;
       const when = $("#waiting-start");
-      if (isNaN(start)) {
+      if (held) {
+        setText(when, "when one of your queued or running jobs ends");
+      } else if (isNaN(start)) {
         setText(when, "not known yet (no finished jobs to learn run times from)");
       } else {
         const inS = Math.max(0, (start - Date.now()) / 1000);
