@@ -18,7 +18,7 @@
 #   cluster.sh start-host H        start host H's RabbitMQ node (if it has one) and workers
 #   cluster.sh kill-node H         SIGKILL the RabbitMQ node of host H
 #   cluster.sh start-node H        start it again and wait until it is back in the cluster
-#   cluster.sh stop-backend | start-backend
+#   cluster.sh kill-backend | start-backend   SIGKILL the backend / start it again
 #   cluster.sh node-of-queue Q     the host whose node leads quorum queue Q
 #   cluster.sh node-of-connection N  the host whose node serves the connection named N
 #
@@ -104,25 +104,29 @@ host_exec() {
   exec "$@"
 }
 
-labq_env() {  # the settings every labq process of host $1 gets
+labq_env() {  # the settings labq's processes on host $1 get (docs/admin.md, "Several hosts")
   local h=$1 urls="" n
   for n in $NODE_HOSTS; do urls="${urls:+$urls,}amqp://labq:$LQ_AMQP_PASS@$n:5672/%2F"; done
   cat <<EOF
 LABQ_RABBITMQ_URL=$urls
 LABQ_QUEUE_TYPE=quorum
 LABQ_PREFIX=lqmh
-LABQ_DATABASE_URL=postgresql+psycopg://postgres@h1:5432/labq
 LABQ_DATA_DIR=$LQ_RUN/hosts/$h/data
 LABQ_WORK_DIR=$LQ_RUN/hosts/$h/work
+LABQ_LOG_LEVEL=INFO
+LABQ_HEARTBEAT_S=10
+LABQ_SHUTDOWN_GRACE_S=5
+EOF
+  if [ "$h" = h1 ]; then  # only the backend needs the database (workers never touch it)
+    cat <<EOF
+LABQ_DATABASE_URL=postgresql+psycopg://postgres@h1:5432/labq
 LABQ_HOST=$(ip_of h1)
 LABQ_PORT=8080
 LABQ_ALLOWED_HOSTS=h1,$(ip_of h1)
-LABQ_LOG_LEVEL=INFO
-LABQ_HEARTBEAT_S=10
 LABQ_RECONCILE_INTERVAL_S=5
 LABQ_RECONCILE_AFTER_S=20
-LABQ_SHUTDOWN_GRACE_S=5
 EOF
+  fi
 }
 
 start_labq() {  # start_labq HOST NAME labq-args...
@@ -166,9 +170,11 @@ EOF
     echo "default_user = labq"
     echo "default_pass = $LQ_AMQP_PASS"
     echo "loopback_users = none"
-    echo "cluster_formation.peer_discovery_backend = classic_config"
-    local i=1 n
-    for n in $NODE_HOSTS; do echo "cluster_formation.classic_config.nodes.$i = rabbit@$n"; i=$((i + 1)); done
+    if [ "$h" != h1 ]; then  # h1 boots alone at once (it would retry its peers for 5 s)
+      echo "cluster_formation.peer_discovery_backend = classic_config"
+      local i=1 n
+      for n in $NODE_HOSTS; do echo "cluster_formation.classic_config.nodes.$i = rabbit@$n"; i=$((i + 1)); done
+    fi
     echo "log.file.level = info"
   } > "$d/rabbitmq.conf"
   echo "[]." > "$d/advanced.config"
@@ -341,9 +347,13 @@ case "$cmd" in
     [[ " $WORKER_HOSTS " == *" $1 "* ]] && start_workers "$1"; true ;;
   kill-node) load_state; kill_node "$1" ;;
   start-node) load_state; start_node "$1"; await_node "$1"; await_cluster "$1" 3 ;;
-  stop-backend) load_state; kill -TERM "$(cat "$LQ_RUN/pids/h1-backend")"
-    for _ in $(seq 1 150); do kill -0 "$(cat "$LQ_RUN/pids/h1-backend")" 2>/dev/null || exit 0; sleep 0.2; done
-    die "the backend did not stop within 30 s" ;;
+  kill-backend) load_state; p=$(cat "$LQ_RUN/pids/h1-backend")  # gunicorn's master
+    # A crash, not a clean stop: SIGKILL the master and its worker process at once.
+    kill -9 $(pgrep -P "$p") "$p" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$p" 2>/dev/null || [ -n "$(pgrep -P "$p")" ] || exit 0; sleep 0.1
+    done
+    die "the backend survived SIGKILL" ;;
   start-backend) load_state; start_labq h1 backend backend; await_backend ;;
   node-of-queue) load_state
     ctl h1 list_queues name leader --formatter json \

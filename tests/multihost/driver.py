@@ -10,8 +10,8 @@ the faults. Phases, each with its figures printed as ``FIGURE name value``:
    results from attempt 2); then the host comes back;
 3. **broker node killed**: the node leading the jobs queue is killed while jobs run and wait;
    submissions go on during the outage; every accepted job ends, once;
-4. **backend restarted**: the backend stops while jobs run; they finish meanwhile; after the
-   restart every job of the run is there, ended as it should.
+4. **backend restarted**: the backend is killed (SIGKILL) while jobs run; they finish
+   meanwhile; after the restart every job of the run is there, ended as it should.
 
 Exit status 0 only when every check held; a failed check says what it saw.
 """
@@ -254,11 +254,11 @@ def phase_broker_node_killed(w: Workload) -> None:
 
 
 def phase_backend_restarted(w: Workload) -> None:
-    say("phase 4: the backend stops while jobs run, and comes back")
+    say("phase 4: the backend is killed (SIGKILL) while jobs run, and started again")
     ids = [w.submit("backend-restart", 2)["id"] for _ in range(4)]
     wait_for(lambda: any(w.get(i)["state"] == "started" for i in ids), 60, "a job to run")
     stopped_at = time.monotonic()
-    cluster("stop-backend")
+    cluster("kill-backend")
     outcome = RUN / "volume" / "jobs"
     wait_for(lambda: all((outcome / i / "outcome.json").exists() for i in ids), 60,
              "the jobs to end while the backend is down")
