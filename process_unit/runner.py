@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 Emit = Callable[..., Any]
 #: How often the job thread checks the process, its limits and the mailbox.
 POLL_S = 0.25
+#: How often memory and CPU are sampled when a memory cgroup enforces the limit (the
+#: kernel does, at once): the chart needs no more, and each sample walks /proc. Without
+#: one, every POLL_S: the samples are what enforces the memory limit then.
+CGROUP_SAMPLE_S = 1.0
 
 
 class Verdict(StrEnum):
@@ -119,6 +123,7 @@ class _Run:
         #: When the next memory sample is due (the first one a tick after the start:
         #: right at the start there is only the launcher to measure).
         self.next_sample = 0.0
+        self.sample_every = POLL_S
         self.taken_at = time.monotonic()
         self.usage: Usage | None = None
         self.environment: dict[str, Any] | None = None
@@ -253,7 +258,9 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
         sup = Supervisor(command, log_file.fileno(), finder=box.processes)
         run.usage = Usage()
         sup.start(on_exit=run.control.interrupt)
-        run.next_sample = sup.started_at + POLL_S
+        if job.spec.memory_mb and _kernel_limits_memory(box):
+            run.sample_every = CGROUP_SAMPLE_S
+        run.next_sample = sup.started_at + min(POLL_S, run.sample_every)
         box.started()
         run.set_state(State.STARTED)
         try:
@@ -267,8 +274,18 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
         peak = box.cgroup.peak_bytes() if box.cgroup else None
         if peak:
             run.memory_mb = round(peak / MIB)
+            # It reached its limit, perhaps between two samples: that is its peak.
+            run.usage.peak_rss_mb = max(run.usage.peak_rss_mb, float(run.memory_mb))
     run.usage.finish()
     return _conclude(run, sup, verdict, project, log_file)
+
+
+def _kernel_limits_memory(box: JobBox) -> bool:
+    """The run's cgroup holds its memory limit (v2 always sets it or fails; v1 only
+    where the memory controller is mounted)."""
+    group = box.cgroup
+    return group is not None and bool(group.memory_limit_bytes) \
+        and (group.layout == "v2" or "memory" in group.dirs)
 
 
 def _end_tree(sup: Supervisor, box: JobBox) -> None:
@@ -317,7 +334,8 @@ def _wait_s(run: _Run, sup: Supervisor) -> float:
 
 
 def _check_limits(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict | None:
-    """The time limit, and (every POLL_S) a memory sample against the memory limit."""
+    """The time limit, and (every ``run.sample_every``) a memory sample against the
+    memory limit."""
     spec = run.job.spec
     # Running time only: a paused job is not charged (as Slurm does for suspended jobs).
     if spec.timeout_s and run.elapsed(sup) >= spec.timeout_s:
@@ -327,7 +345,7 @@ def _check_limits(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict | N
     now = time.monotonic()
     if now < run.next_sample:
         return None
-    run.next_sample = now + POLL_S
+    run.next_sample = now + run.sample_every
     procs = sup.processes()
     used = proctree.rss_bytes(procs)
     run.memory_mb = round(used / MIB, 1)
