@@ -4,9 +4,10 @@
 normalized ``requirements.txt`` and the interpreter (path and version). A bundle with
 no requirements gets an empty venv of its own, never labq's environment.
 
-Safety between workers (possibly on several hosts sharing the volume):
+Safety between the workers of one host (the work dir is local to each host; with
+several hosts each builds and caches its own environments):
 
-* ``<data>/envs/.<key>.lock`` is flock'ed exclusively while an environment is built
+* ``<work dir>/envs/.<key>.lock`` is flock'ed exclusively while an environment is built
   and shared while a job uses it, so eviction never removes an environment in use;
 * it is built in a temporary folder (``uv venv --relocatable``) and renamed into
   place, so nobody ever sees half an environment;

@@ -24,6 +24,7 @@ from labq.process_unit.cgroups import JobCgroup
 from labq.process_unit.envcache import BuildBox
 from labq.process_unit.netbox import RESOLV_CONF, JobNetwork
 from labq.process_unit.sandbox import Jail
+from labq.shared import mounts
 from labq.shared.errors import LabqError
 from labq.shared.settings import MIB, Settings
 
@@ -128,7 +129,10 @@ class HostSandbox:
         log.log(level, "%s", layers.describe())
         if layers.cgroup:
             cgroups.sweep_stale(layers.cgroup)
-        return cls(settings, layers)
+        sandbox = cls(settings, layers)
+        # Workers on several hosts share the data dir: say what its mount cannot give.
+        mounts.check_worker_dirs(settings.data_dir, sandbox.settings.resolved_work_dir)
+        return sandbox
 
     @classmethod
     def off(cls, settings: Settings) -> HostSandbox:

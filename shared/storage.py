@@ -26,7 +26,11 @@ here (logs, outcome, attempts, markers, locks) stays on the volume in both cases
 
 Everything that readers may see is written to a temporary name and renamed into
 place, so nobody ever reads half a file. The backend and the workers meet only here
-(and in the bucket) and on RabbitMQ.
+(and in the bucket) and on RabbitMQ. With workers on several hosts this folder is a
+network file system; what labq needs from it (one file system, atomic rename, exclusive
+create, flock seen by every host, durable fsync, fresh name lookups) is listed in
+docs/admin.md, "What the shared volume must provide", and shared/mounts.py warns about
+mount options that break it.
 """
 
 from __future__ import annotations
