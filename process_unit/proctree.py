@@ -140,20 +140,33 @@ def own_start_time() -> int:
     return proc.start if proc else 0
 
 
+def pid_namespace() -> str:
+    """This process's pid namespace (the inode of /proc/self/ns/pid), "" if unknown."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
 def sweep_orphans(token_var: str) -> list[int]:
     """SIGKILL job processes whose worker is gone; return their pids.
 
-    Tokens look like ``<worker pid>:<worker start time>:<random>``; the worker is gone
-    when no process with that pid and start time exists (a reused pid does not count).
+    Tokens look like ``<worker pid>:<worker start time>:<random>[:<pid namespace>]``;
+    the worker is gone when no process with that pid and start time exists (a reused
+    pid does not count). A token of another pid namespace belongs to a worker in a
+    container on this machine, whose pid means nothing here: it is not ours to judge.
     """
     killed: list[int] = []
     procs = all_procs()
+    own_ns = pid_namespace()
     for proc in procs.values():
         token = environ_value(proc.pid, token_var)
         if not token:
             continue
         try:
-            wpid, wstart, _ = token.split(":", 2)
+            wpid, wstart, *rest = token.split(":")
+            if len(rest) > 1 and rest[1] != own_ns:
+                continue
             worker = procs.get(int(wpid))
             alive = worker is not None and worker.start == int(wstart) and worker.state != "Z"
         except ValueError:

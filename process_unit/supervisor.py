@@ -32,8 +32,10 @@ REAP_EVERY_S = 1.0
 
 
 def new_token() -> str:
-    """A run token naming this worker process (pid + start time) and the run."""
-    return f"{os.getpid()}:{proctree.own_start_time()}:{secrets.token_hex(8)}"
+    """A run token naming this worker process (pid + start time), the run, and the pid
+    namespace the pid is in (a worker on the host must not judge a container's jobs)."""
+    return (f"{os.getpid()}:{proctree.own_start_time()}:{secrets.token_hex(8)}"
+            f":{proctree.pid_namespace()}")
 
 
 @dataclass(frozen=True)

@@ -218,3 +218,28 @@ def test_sweep_kills_processes_of_a_dead_worker(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_sweep_leaves_processes_of_another_pid_namespace_alone():
+    # A job of a worker in a container: its token's pid is the container's, which names
+    # no (or another) process here; the host's workers must not kill it.
+    import subprocess
+
+    foreign = "999999999:1:deadbeef:1"  # pid namespace inode 1: not this one
+    assert proctree.pid_namespace() not in ("", "1")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            env={TOKEN_VAR: foreign, "PATH": "/usr/bin:/bin"})
+    try:
+        wait_until(lambda: proctree.environ_value(proc.pid, TOKEN_VAR) == foreign)
+        assert proc.pid not in proctree.sweep_orphans(TOKEN_VAR)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_new_token_names_its_pid_namespace():
+    from labq.process_unit.supervisor import new_token
+
+    pid, _start, _rand, ns = new_token().split(":")
+    assert int(pid) == os.getpid() and ns == proctree.pid_namespace()
