@@ -99,7 +99,9 @@ class JobCgroup:
             unified = root if (root / "cgroup.controllers").exists() else root / "unified"
             dirs = {"": unified / paths.get("", "/").lstrip("/") / name}
         else:
-            dirs = {c: root / c / paths.get(c, "/").lstrip("/") / name for c in V1_CONTROLLERS
+            # No cpu cgroup without a CPU limit: one folder (and one join) less per run.
+            wanted = V1_CONTROLLERS if cpus else tuple(c for c in V1_CONTROLLERS if c != "cpu")
+            dirs = {c: root / c / paths.get(c, "/").lstrip("/") / name for c in wanted
                     if (root / c).is_dir()}
         group = cls(layout, dirs, memory_mb * MIB if memory_mb else 0)
         for folder in dirs.values():
@@ -195,8 +197,11 @@ class JobCgroup:
             time.sleep(0.01)
         log.error("processes of cgroup %s survived %d rounds of SIGKILL", self.dirs, rounds)
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Kill what is left and remove the folders; True when every one is gone (the
+        kernel refuses to remove a cgroup that still holds a process)."""
         self.kill()
+        gone = True
         for folder in self.dirs.values():
             for _ in range(50):
                 try:
@@ -206,6 +211,9 @@ class JobCgroup:
                     break
                 except OSError:  # still busy for a moment after the last exit
                     time.sleep(0.01)
+            else:
+                gone = False
+        return gone
 
 
 #: Job cgroups are named ``labq-<worker pid>-<worker start time>-<run>`` so a worker can

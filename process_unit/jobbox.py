@@ -61,7 +61,7 @@ class JobBox:
         pids: set[int] = set()
         if self.cgroup is not None:
             pids |= self.cgroup.pids()
-        if self.lease is not None:
+        elif self.lease is not None:  # a cgroup holds them all: no walk of /proc needed
             pids |= set(uidpool.pids_of_uid(self.lease.uid))
         if self.cgroup is None and self.lease is None:
             return None
@@ -73,9 +73,11 @@ class JobBox:
         return procs
 
     def kill(self) -> None:
+        # With a cgroup, every process the job started is in it (a job's uid cannot move
+        # a process out: the cgroup files are root's), so the uid need not be swept.
         if self.cgroup is not None:
             self.cgroup.kill()
-        if self.lease is not None:
+        elif self.lease is not None:
             uidpool.kill_uid(self.lease.uid)
 
     def out_of_memory(self) -> bool:
@@ -85,18 +87,20 @@ class JobBox:
         if self.closed:
             return
         self.closed = True
+        swept = False
         try:
-            # The uid's processes: killed by the lease's release below (one walk of /proc
-            # per job fewer than killing them here too).
+            # Without a cgroup the uid's processes are killed by the lease's release
+            # below (one walk of /proc); with one, removing it (it waits until the group
+            # is empty) ends them all, and the walk is not needed at all.
             if self.cgroup is not None:
                 self.cgroup.kill()
             if self.network is not None:
                 self.network.close()
             if self.cgroup is not None:
-                self.cgroup.remove()
+                swept = self.cgroup.remove()
         finally:
             if self.lease is not None:
-                self.lease.release()
+                self.lease.release(kill=not swept)
 
     def __enter__(self) -> JobBox:
         return self

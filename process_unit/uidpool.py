@@ -145,17 +145,19 @@ class Lease:
     def _was_clean(self) -> bool:
         return os.pread(self._handle.fileno(), 16, 0) == CLEAN  # type: ignore[attr-defined]
 
-    def clean(self) -> None:
-        killed = kill_uid(self.uid)
+    def clean(self, kill: bool = True) -> None:
+        killed = kill_uid(self.uid) if kill else 0
         removed = reclaim_files(self.uid) if self.reclaim else 0
         if killed or removed:
             log.info("uid %d: killed %d leftover processes, removed %d leftover files",
                      self.uid, killed, removed)
 
-    def release(self) -> None:
+    def release(self, kill: bool = True) -> None:
+        """Give the uid back, killing what still runs as it first (``kill=False``: the
+        caller knows none is left, e.g. the job's cgroup was removed, hence empty)."""
         if self._handle is None:
             return
-        self.clean()
+        self.clean(kill)
         self._mark(CLEAN)
         handle, self._handle = self._handle, None
         handle.close()  # type: ignore[attr-defined]  # closing drops the flock

@@ -71,6 +71,15 @@ def test_a_hybrid_host_without_v2_controllers_uses_v1(tmp_path: Path):
     assert group.out_of_memory()
 
 
+def test_a_run_without_a_cpu_limit_gets_no_cpu_cgroup(tmp_path: Path):
+    for controller in ("memory", "pids", "cpu"):
+        (tmp_path / controller / "workers" / "w1").mkdir(parents=True)
+    group = JobCgroup.create("j0", layout="v1", memory_mb=64, max_procs=32, cpus=0,
+                             root=tmp_path, proc_cgroup=V1_PROC)
+    assert set(group.dirs) == {"memory", "pids"}
+    assert not (tmp_path / "cpu" / "workers" / "w1" / "j0").exists()
+
+
 needs_v1 = pytest.mark.skipif(
     os.geteuid() != 0 or cgroups.detect() != "v1",
     reason="needs root and a writable cgroup v1 memory and pids hierarchy")
@@ -105,6 +114,9 @@ def test_a_real_v1_cgroup_kill_ends_every_process_in_it():
         group.kill()
         proc.wait(timeout=10)
         wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5, message="all dead")
+        # Removed, so empty: the job's uid need not be swept after it (JobBox.close)
+        assert group.remove() is True
+        assert not any(folder.exists() for folder in group.dirs.values())
     finally:
         group.remove()
 
@@ -151,7 +163,7 @@ def test_a_uid_left_busy_by_a_dead_worker_is_swept_before_reuse(tmp_path: Path):
     lease._handle.close()
     swept: list[int] = []
     original = uidpool.Lease.clean
-    uidpool.Lease.clean = lambda self: swept.append(self.uid)  # type: ignore[method-assign]
+    uidpool.Lease.clean = lambda self, kill=True: swept.append(self.uid)  # type: ignore[method-assign]
     try:
         again = pool.acquire()
         assert swept == [61020]
