@@ -13,7 +13,7 @@ sandbox, authentication on) on the broker at ``LABQ_RABBITMQ_URL``, with a fresh
 dir and queue prefix removed at the end; workers are stopped and started between the
 counts. Exits 1 when a count misses the target, 2 when labq fails.
 
-    .venv/bin/python bench/scale_out.py [--workers 1,2,4] [--per-worker 4]
+    .venv/bin/python bench/scale_out.py [--workers 1,2,4] [--per-worker 5]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from figures import Targets
 from job_overhead import bare_run, job_python
@@ -35,13 +36,13 @@ def one_count(stack: Stack, body: bytes, workers: int, jobs: int) -> float:
     assert stack.events is not None
     stack.start_workers(workers)
     try:
-        ids, first = [], None
-        for _ in range(jobs):
-            job_id, began = stack.submit(body)
-            first = began if first is None else first
-            ids.append(job_id)
+        # Uploaded by as many clients as there are workers, so no worker waits for its
+        # first job behind the others' uploads.
+        with ThreadPoolExecutor(workers) as pool:
+            submitted = list(pool.map(lambda _: stack.submit(body), range(jobs)))
+        ids = [job_id for job_id, _ in submitted]
+        first = min(began for _, began in submitted)
         ends = stack.events.wait_ended(ids, timeout=60 + 3 * jobs / workers)
-        assert first is not None
         stack.check_succeeded(ids[-3:])
         return jobs / (max(ends.values()) - first)
     finally:
@@ -52,7 +53,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2,4",
                         help="worker counts, comma-separated (each 1..8)")
-    parser.add_argument("--per-worker", type=int, default=4,
+    parser.add_argument("--per-worker", type=int, default=5,
                         help="1-second jobs per worker for each count (1..20)")
     args = parser.parse_args()
     counts = [int(c) for c in args.workers.split(",") if c.strip()]
