@@ -94,6 +94,23 @@ class Blob(io.RawIOBase):
         except (AttributeError, OSError) as exc:
             raise io.UnsupportedOperation("this blob has no file descriptor") from exc
 
+    def seekable(self) -> bool:
+        # Servers that send a file by descriptor seek it to where they stopped.
+        try:
+            return bool(self._stream.seekable())
+        except (AttributeError, OSError):
+            return False
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if not self.seekable():
+            raise io.UnsupportedOperation("this blob is read front to back only")
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        if not self.seekable():
+            raise io.UnsupportedOperation("this blob is read front to back only")
+        return self._stream.tell()
+
     def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
         while chunk := self.read(size):
             yield chunk

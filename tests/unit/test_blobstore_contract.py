@@ -215,6 +215,21 @@ def test_the_volume_serves_only_regular_files_never_through_links(tmp_path: Path
     assert not store.has_any("jobs/k/results/")
 
 
+def test_a_volume_blob_can_be_sent_by_descriptor_an_s3_body_cannot(store: BlobStore):
+    store.put("s/f", io.BytesIO(b"0123456789"))
+    with store.open("s/f") as blob:
+        if store.kind == "volume":  # what a server's sendfile needs: fileno, seek, tell
+            assert blob.fileno() >= 0 and blob.seekable()
+            assert blob.seek(4) == 4 and blob.read(2) == b"45" and blob.tell() == 6
+        else:
+            assert not blob.seekable()
+            with pytest.raises(io.UnsupportedOperation):
+                blob.fileno()
+            with pytest.raises(io.UnsupportedOperation):
+                blob.seek(4)
+            assert blob.read() == b"0123456789"
+
+
 def test_the_volume_keeps_the_data_dir_layout(tmp_path: Path):
     store = open_blobstore(Settings(data_dir=tmp_path))
     store.put("bundles/ab/abc.zip", io.BytesIO(b"z"))
