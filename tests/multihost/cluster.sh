@@ -21,6 +21,7 @@
 #   cluster.sh kill-backend | start-backend   SIGKILL the backend / start it again
 #   cluster.sh node-of-queue Q     the host whose node leads quorum queue Q
 #   cluster.sh node-of-connection N  the host whose node serves the connection named N
+#   cluster.sh connections H       every client connection (name, node's host), asking H
 #
 # Needs root, iproute2 (ip netns), util-linux (unshare), rabbitmq-server, PostgreSQL's
 # server binaries (initdb, pg_ctl) and labq's venv (LABQ_BIN, default ../../.venv/bin/labq).
@@ -358,6 +359,15 @@ case "$cmd" in
   node-of-queue) load_state
     ctl h1 list_queues name leader --formatter json \
       | python3 -c 'import json,sys; q=[r for r in json.load(sys.stdin) if r["name"]==sys.argv[1]]; print(q[0]["leader"].split("@")[1] if q else "")' "$1" ;;
+  connections) load_state  # "NAME<TAB>HOST" of every client connection, asking HOST $1's node
+    ctl "$1" list_connections host client_properties --formatter json \
+      | python3 -c '
+import json, sys
+hosts = {"'"$(ip_of h1)"'": "h1", "'"$(ip_of h2)"'": "h2", "'"$(ip_of h3)"'": "h3"}
+for c in json.load(sys.stdin):
+    host = c["host"] if isinstance(c["host"], str) else ".".join(map(str, c["host"]))
+    props = {p[0]: p[2] for p in c["client_properties"]}
+    print(props.get("connection_name", "?") + "\t" + hosts.get(host, host))' ;;
   node-of-connection) load_state  # the host whose node serves the connection named $1
     ctl h1 list_connections host client_properties --formatter json \
       | python3 -c '

@@ -219,6 +219,12 @@ def cluster_output(*args: str) -> str:
                           text=True).stdout.strip()
 
 
+def connections(via: str) -> list[tuple[str, str]]:
+    """(connection name, host of its node) of every client of the cluster."""
+    lines = cluster_output("connections", via).splitlines()
+    return [tuple(line.split("\t", 1)) for line in lines if "\t" in line]
+
+
 def phase_broker_node_killed(w: Workload) -> None:
     # The node the backend publishes through: submissions must fail over to another.
     node = cluster_output("node-of-connection", "labq-backend-publisher")
@@ -231,6 +237,8 @@ def phase_broker_node_killed(w: Workload) -> None:
     before = [w.submit("broker-kill", 3)["id"] for _ in range(6)]
     wait_for(lambda: sum(w.get(i)["state"] == "started" for i in before) >= 2, 60,
              "two jobs to run")
+    on_node = sorted(name for name, host in connections(node) if host == node)
+    figure("broker_kill_connections_on_node", len(on_node))
     killed_at = time.monotonic()
     cluster("kill-node", node)
     during, errors, latencies, held = [], [], [], 0
@@ -251,6 +259,12 @@ def phase_broker_node_killed(w: Workload) -> None:
     figure("broker_kill_all_done_after_s", f"{time.monotonic() - killed_at:.1f}")
     w.check_succeeded_once(jobs)
     figure("broker_kill_jobs_lost", 0)
+    # Every service that was on the dead node is connected again, to another node.
+    survivor = "h2" if node != "h2" else "h3"
+    back = wait_for(lambda: (now := dict(connections(survivor))) and
+                    all(now.get(name) not in (None, node) for name in on_node) and now,
+                    30, f"the connections of {on_node} on another node")
+    figure("broker_kill_reconnected", ",".join(f"{n.split()[-1]}->{back[n]}" for n in on_node))
 
 
 def phase_backend_restarted(w: Workload) -> None:
