@@ -7,6 +7,7 @@ thread won the race, so concurrent requests and events never lose an update.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from datetime import UTC, datetime
@@ -224,7 +225,10 @@ class Registry:
 # -- JSON ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=65_536)
 def iso(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC with milliseconds (``2024-05-01T12:00:00.000Z``);
+    remembered, since job lists show the same finished jobs' times again and again."""
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(

@@ -8,7 +8,10 @@ counted busy, and nothing is idle while consumers are fewer than busy workers.)
 
 The estimate hands the jobs ahead of this one, oldest first, to whichever worker frees
 up first, each taking the median run time of recent jobs; a running job is expected to
-end when it reaches that median (or now, if it is already past it).
+end when it reaches that median (or now, if it is already past it). A page of jobs costs
+one query for all their places, the busy workers and recent run times are read again
+only after some job changed (:func:`snapshot`), and the broker is asked at most once a
+second.
 
 A job held by fair share (``created`` with a ``hold_reason``) is not in the queue: it has
 no place and no estimate, its reason is its hold reason (the user's running-job limit),
@@ -17,9 +20,9 @@ and it is never counted ahead of anyone.
 
 from __future__ import annotations
 
-import heapq
 import statistics
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,22 +55,55 @@ class Workers:
 
 def busy_workers(engine: Engine) -> tuple[int, list[float]]:
     """(distinct workers holding a job, the running jobs' run seconds so far)."""
-    now = time.time()
+    snap = snapshot(engine)
+    return snap.busy, snap.running_s(time.time())
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What every waiting job's estimate needs, read once per change of any job."""
+
+    busy: int
+    running: tuple[tuple[float | None, float], ...]  # (started_at, paused_s) per job
+    typical: float
+    mark: int = 0  # the newest event id when it was read
+
+    def running_s(self, now: float) -> list[float]:
+        return [max(0.0, now - started - paused) if started else 0.0
+                for started, paused in self.running]
+
+
+#: Per engine: (newest event id when read, snapshot). Every change of a job's state or
+#: run time writes an event row in the same transaction, so an unchanged newest id
+#: means an unchanged snapshot.
+_snapshots: weakref.WeakKeyDictionary[Engine, tuple[int, Snapshot]] = \
+    weakref.WeakKeyDictionary()
+
+
+def snapshot(engine: Engine) -> Snapshot:
+    """Busy workers, running jobs and the typical run time; the database is read again
+    only when some job changed since the last time."""
     with engine.connect() as conn:
+        mark = int(conn.execute(select(func.max(db.events.c.id))).scalar() or 0)
+        cached = _snapshots.get(engine)
+        if cached is not None and cached[0] == mark:
+            return cached[1]
         rows = conn.execute(select(db.jobs.c.worker, db.jobs.c.started_at, db.jobs.c.paused_s)
                             .where(db.jobs.c.state.in_([str(s) for s in RUNNING]))).all()
-    names = {r.worker for r in rows if r.worker}
-    ran = [max(0.0, now - r.started_at - (r.paused_s or 0.0)) if r.started_at else 0.0
-           for r in rows]
-    return len(names), ran
+        runs = [r[0] for r in conn.execute(
+            select(db.jobs.c.run_s).where(db.jobs.c.run_s.is_not(None))
+            .order_by(db.jobs.c.stopped_at.desc()).limit(RECENT_RUNS))]
+    snap = Snapshot(busy=len({r.worker for r in rows if r.worker}),
+                    running=tuple((r.started_at, r.paused_s or 0.0) for r in rows),
+                    typical=float(statistics.median(runs)) if runs else DEFAULT_RUN_S,
+                    mark=mark)
+    _snapshots[engine] = (mark, snap)
+    return snap
 
 
 def typical_run_s(engine: Engine) -> float:
-    with engine.connect() as conn:
-        values = [r[0] for r in conn.execute(
-            select(db.jobs.c.run_s).where(db.jobs.c.run_s.is_not(None))
-            .order_by(db.jobs.c.stopped_at.desc()).limit(RECENT_RUNS))]
-    return float(statistics.median(values)) if values else DEFAULT_RUN_S
+    """The median run time of the last :data:`RECENT_RUNS` jobs that ran."""
+    return snapshot(engine).typical
 
 
 def position(engine: Engine, job: dict[str, Any]) -> int:
@@ -82,16 +118,59 @@ def position(engine: Engine, job: dict[str, Any]) -> int:
     return int(ahead) + 1
 
 
+#: Per engine: (newest event id, {job id: place}) of the places looked up since then
+#: (the first pages are asked for again and again, by every open tab).
+_places: weakref.WeakKeyDictionary[Engine, tuple[int, dict[str, int]]] = \
+    weakref.WeakKeyDictionary()
+MAX_PLACES = 10_000
+
+
+def positions(engine: Engine, jobs: list[dict[str, Any]], mark: int | None = None
+              ) -> dict[str, int]:
+    """:func:`position` of each of ``jobs`` (waiting, not held) in one query; with
+    ``mark`` (the newest event id) places known since that event are reused."""
+    known: dict[str, int] = {}
+    if mark is not None:
+        cached = _places.get(engine)
+        if cached is None or cached[0] != mark or len(cached[1]) > MAX_PLACES:
+            cached = (mark, {})
+            _places[engine] = cached
+        known = cached[1]
+    missing = [job for job in jobs if job["id"] not in known]
+    if missing:
+        known.update(_look_up_places(engine, missing))
+    return {job["id"]: known[job["id"]] for job in jobs}
+
+
+def _look_up_places(engine: Engine, jobs: list[dict[str, Any]]) -> dict[str, int]:
+    j = db.jobs.c
+    place = func.row_number().over(
+        order_by=(func.coalesce(j.queued_at, j.created_at), j.id)).label("place")
+    queue = (select(j.id, place)
+             .where(j.state.in_([str(s) for s in WAITING]), j.hold_reason.is_(None))
+             .subquery())
+    with engine.connect() as conn:
+        found = dict(conn.execute(select(queue.c.id, queue.c.place)
+                                  .where(queue.c.id.in_([job["id"] for job in jobs]))).all())
+    # A job that left the queue since the page was read: its place as it was.
+    return {job["id"]: int(found[job["id"]]) if job["id"] in found else position(engine, job)
+            for job in jobs}
+
+
 def estimate_start(place: int, idle: int, running_s: list[float], typical: float,
                    now: float) -> float | None:
-    """When the job at ``place`` should start; None when no worker is connected."""
-    free = [now] * idle + [now + max(0.0, typical - ran) for ran in running_s]
+    """When the job at ``place`` should start; None when no worker is connected.
+
+    Each worker is free at some time within one typical run from now and then takes a
+    job every typical run, so the queue is served in rounds, one job per worker each:
+    ``place`` starts in round ``(place - 1) // workers``, on the worker that is free
+    ``(place - 1) % workers``-th.
+    """
+    free = sorted([now] * idle + [now + max(0.0, typical - ran) for ran in running_s])
     if not free:
         return None
-    heapq.heapify(free)
-    for _ in range(place - 1):
-        heapq.heappush(free, heapq.heappop(free) + typical)
-    return free[0]
+    rounds, nth = divmod(place - 1, len(free))
+    return free[nth] + rounds * typical
 
 
 def reason(place: int, workers: Workers) -> str:
@@ -120,25 +199,38 @@ def waiting_fields(engine: Engine, jobs: list[dict[str, Any]], consumers: int | 
                           "waiting_reason": held}
     if not waiting:
         return out
-    busy, running_s = busy_workers(engine)
-    workers = Workers.count(consumers, busy)
-    typical = typical_run_s(engine)
+    snap = snapshot(engine)
+    workers = Workers.count(consumers, snap.busy)
     now = time.time()
+    running_s = snap.running_s(now)
+    places = positions(engine, waiting, snap.mark)
     for job in waiting:
-        place = position(engine, job)
-        start = estimate_start(place, workers.idle or 0, running_s, typical, now)
+        place = places[job["id"]]
+        start = estimate_start(place, workers.idle or 0, running_s, snap.typical, now)
         out[job["id"]] = {"queue_position": place, "estimated_start_at": iso(start),
                           "waiting_reason": reason(place, workers)}
     return out
 
 
+#: How long the jobs queue's consumer count is reused (one broker call per second at
+#: most, however many waiting jobs are shown).
+CONSUMERS_TTL_S = 1.0
+_consumers: weakref.WeakKeyDictionary[Any, tuple[float, int | None]] = \
+    weakref.WeakKeyDictionary()
+
+
 def idle_workers(publisher: Any) -> int | None:
     """Consumers on the jobs queue (every connected worker: see :meth:`Workers.count`),
-    or None when the broker is away."""
+    or None when the broker is away; at most :data:`CONSUMERS_TTL_S` old."""
     from labq.shared.errors import BrokerUnavailableError
 
+    cached = _consumers.get(publisher)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < CONSUMERS_TTL_S:
+        return cached[1]
     try:
-        return publisher.queue_info(publisher.topology.jobs_queue)[1]
+        count: int | None = publisher.queue_info(publisher.topology.jobs_queue)[1]
     except BrokerUnavailableError:
-        return None
-
+        count = None
+    _consumers[publisher] = (now, count)
+    return count
