@@ -217,6 +217,23 @@ def test_required_refuses_to_start_without_every_layer(tmp_path: Path, monkeypat
     assert "missing: " in layers.describe()
 
 
+def test_required_refuses_to_start_without_slirp4netns(tmp_path: Path, monkeypatch):
+    # Without it no network job can run, and a build from source would share the host's
+    # loopback: production (required) needs it, auto says what it costs.
+    from labq.process_unit import isolation
+    from labq.shared.errors import ConfigError
+    from labq.shared.settings import Settings
+
+    monkeypatch.setattr(isolation, "slirp_binary", lambda: None)
+    settings = Settings(data_dir=tmp_path, sandbox="required")
+    with pytest.raises(ConfigError) as info:
+        isolation.probe(settings)
+    assert "slirp4netns: not installed" in info.value.message
+    layers = isolation.probe(settings.replace(sandbox="auto"))
+    assert not layers.slirp4netns and not layers.complete
+    assert "built from source" in layers.describe()
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("bwrap"),
                     reason="needs root (to become nobody) and bubblewrap")
 def test_a_worker_without_root_still_gets_bwrap_and_says_what_is_missing(tmp_path: Path):
