@@ -150,7 +150,7 @@ def main() -> int:
           f"{bare_before:.2f} s before and {bare_after:.2f} s after the labq run "
           f"({args.jobs / bare:.1f} jobs/s; {bare_cpu / args.jobs * 1000:.1f} ms CPU a run)")
     print(f"  labq, {args.workers} workers, {args.jobs} jobs submitted one after another: "
-          f"{took:.2f} s ({args.jobs / took:.1f} jobs/s)")
+          f"{took:.2f} s ({args.jobs / took:.1f} jobs/s, {bare / took:.2f}x bare)")
     print("  CPU a job during that run: " + ", ".join(
         f"{name} {sec / args.jobs * 1000:.1f} ms" for name, sec in used.items()))
     print(f"  idle worker, {args.rounds} jobs one at a time: submit->started "
