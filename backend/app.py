@@ -10,6 +10,7 @@ from labq.backend import auth, websecurity
 from labq.backend.accounts import ensure_admin
 from labq.backend.errors import register_error_handlers
 from labq.backend.openapi import build_spec
+from labq.backend.params import refuse_nul
 from labq.backend.services import Services
 from labq.backend.shortids import expand_job_id
 from labq.backend.uploads import LabqRequest, cleanup_uploads
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None, start_background: bool = False)
             if identity is not None:
                 expand_job_id(svc.engine, request.endpoint, values,
                               None if identity.is_admin else identity.name)
+
+    app.before_request(refuse_nul)  # after the caller is known: see params.py
 
     @app.get("/api/v1/openapi.json")
     def openapi() -> Response:

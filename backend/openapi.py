@@ -17,6 +17,7 @@ from labq.backend import openapi_research
 from labq.backend.openapi_parts import (
     ERROR,
     HEX32,
+    JSON_WITHOUT_NUL,
     MAYBE_STRING,
     MAYBE_TIME,
     OUTCOMES,
@@ -137,7 +138,7 @@ def build_spec(settings: Settings | None = None) -> dict[str, Any]:
                                 "...}}`; limits stated here are this server's settings."},
         "paths": paths,
         "components": {"schemas": {"Job": job_schema(), "State": state_schema(),
-                                   "Error": ERROR},
+                                   "Error": ERROR, "JsonWithoutNul": JSON_WITHOUT_NUL},
                        "responses": error_components(),
                        "securitySchemes": SECURITY_SCHEMES},
         "security": READ_SECURITY,

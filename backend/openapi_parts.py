@@ -63,6 +63,34 @@ def blank_ok(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 STRING = {"type": "string"}
+#: Text a request sends: never the NUL character (400 otherwise; backend/params.py).
+NO_NUL = "^[^\\x00]*$"
+TEXT = {"type": "string", "pattern": NO_NUL}
+#: Any JSON value without a NUL character in a string or a key: what a JSON body may
+#: carry beside the fields an operation reads (they are ignored).
+ANY_JSON = {"$ref": "#/components/schemas/JsonWithoutNul"}
+JSON_WITHOUT_NUL = {"anyOf": [
+    {"type": ["null", "boolean", "number"]}, TEXT,
+    {"type": "array", "items": ANY_JSON},
+    {"type": "object", "propertyNames": {"pattern": NO_NUL}, "additionalProperties": ANY_JSON},
+]}
+
+
+def json_object(properties: dict[str, Any], required: list[str] | None = None
+                ) -> dict[str, Any]:
+    """A JSON body object: the fields read, and any others (ignored) without NUL."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties,
+                              "propertyNames": {"pattern": NO_NUL},
+                              "additionalProperties": ANY_JSON}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def form_object(properties: dict[str, Any], required: list[str] | None = None
+                ) -> dict[str, Any]:
+    """A form: the fields read, and any other text fields (ignored) without NUL."""
+    return {**json_object(properties, required), "additionalProperties": TEXT}
 DATE_TIME = {"type": "string", "format": "date-time"}
 MAYBE_TIME = nullable(DATE_TIME)
 MAYBE_STRING = nullable(STRING)
@@ -142,12 +170,11 @@ IDEMPOTENCY = {
     "schema": {"type": "string", "maxLength": IDEMPOTENCY_MAX}}
 LIST_PARAMS = [
     {"name": "state", "in": "query", "schema": blank_ok({"type": "string", "enum": STATES})},
-    {"name": "name", "in": "query", "description": "exactly this name",
-     "schema": {"type": "string"}},
+    {"name": "name", "in": "query", "description": "exactly this name", "schema": TEXT},
     {"name": "limit", "in": "query", "description": "page size (default 50)",
      "schema": blank_ok({"type": "integer", "minimum": 1, "maximum": 500})},
     CURSOR,
-    {"name": "owner", "in": "query", "schema": {"type": "string"},
+    {"name": "owner", "in": "query", "schema": TEXT,
      "description": "admins: only this user's jobs (others always see only their own, "
                     "and this parameter is ignored for them)"},
 ]

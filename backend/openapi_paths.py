@@ -18,14 +18,17 @@ from labq.backend.openapi_parts import (
     JOB_ID,
     LIST_PARAMS,
     STRING,
+    TEXT,
     blank_ok,
     errors,
+    form_object,
     header,
     json_answer,
+    json_object,
     nullable,
     ref,
 )
-from labq.backend.params import MAX_WHOLE
+from labq.backend.params import MAX_WHOLE, TOKEN_ID_MAX
 from labq.shared.settings import MIB, Settings
 
 ZIP = "application/zip"
@@ -55,9 +58,9 @@ def upload_body(settings: Settings) -> dict[str, Any]:
             "password-protected, absolute or `..` paths, symbolic links, a name both "
             "file and folder (400 `bad_bundle`); over the limits (413); no script, or "
             "a bad labq.toml (422).")},
-        "name": {"type": "string", "description": "shown in lists (cleaned to "
+        "name": {**TEXT, "description": "shown in lists (cleaned to "
                  "[A-Za-z0-9._-], at most 100); default: the top folder or file name"},
-        "entrypoint": {"type": "string", "description": "the script to run, a path "
+        "entrypoint": {**TEXT, "description": "the script to run, a path "
                        "inside the bundle's top folder; one that is not in the bundle "
                        "is a 422 `missing_entrypoint`; blank: labq.toml's, or code.py"},
         "timeout_s": _limit("wall-clock limit in seconds", settings.max_timeout_s),
@@ -65,7 +68,7 @@ def upload_body(settings: Settings) -> dict[str, Any]:
         "cpus": _limit("CPU limit", settings.max_cpus),
     }
     return {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "required": ["bundle"], "properties": props},
+        "schema": form_object(props, ["bundle"]),
         "encoding": {"bundle": {"contentType": ZIP}}}}}
 
 
@@ -100,10 +103,9 @@ def _submit(tag: str, settings: Settings) -> dict[str, Any]:
                           **errors(400, 413, 422, 429, 503)}}
 
 
-STATE_PUT = {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["state"],
-    "properties": {"state": {"type": "string", "enum": ["paused", "started", "stopped"],
-                             "description": "started resumes a paused job"}}}}}}
+STATE_PUT = {"required": True, "content": {"application/json": {"schema": json_object(
+    {"state": {"type": "string", "enum": ["paused", "started", "stopped"],
+               "description": "started resumes a paused job"}}, ["state"])}}}
 WHOLE = blank_ok({"type": "integer", "minimum": 0, "maximum": MAX_WHOLE})
 #: Headers are text: a whole number, or blank (not given).
 WHOLE_TEXT = {"type": "string", "pattern": "^[0-9]{0,18}$"}
@@ -111,7 +113,7 @@ OFFSET = {"name": "offset", "in": "query", "description": "byte offset to start 
           "(default 0, or the Last-Event-ID header)", "schema": WHOLE}
 FOLLOW = {"name": "follow", "in": "query", "description": "`1`, `true` or `yes`: follow "
           "live as server-sent events (as does `Accept: text/event-stream`); any other "
-          "value: the text now", "schema": {"type": "string"}}
+          "value: the text now", "schema": TEXT}
 
 
 
@@ -274,15 +276,13 @@ def account_paths() -> dict[str, Any]:
         "id": {"type": "integer"}, "name": STRING,
         "created_at": {"type": "string", "format": "date-time"},
         "last_used_at": nullable({"type": "string", "format": "date-time"})}}
-    name = {"type": "string", "description": "blank: `token`; at most 100 characters "
+    name = {**TEXT, "description": "blank: `token`; at most 100 characters "
             "once surrounding spaces are removed (longer: 400 `account_error`)"}
     token_body = {"required": False, "content": {
-        "application/json": {"schema": {"type": "object", "properties": {"name": name}}},
-        "application/x-www-form-urlencoded": {"schema": {
-            "type": "object", "properties": {"name": name}}}}}
-    login = {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["name", "password"],
-        "properties": {"name": {"type": "string", "minLength": 1}, "password": STRING}}}}}
+        "application/json": {"schema": json_object({"name": name})},
+        "application/x-www-form-urlencoded": {"schema": form_object({"name": name})}}}
+    login = {"required": True, "content": {"application/json": {"schema": json_object(
+        {"name": {**TEXT, "minLength": 1}, "password": TEXT}, ["name", "password"])}}}
     signed_in = {"type": "object", "required": ["name", "admin", "csrf_token"],
                  "properties": {"name": STRING, "admin": {"type": "boolean"},
                                 "csrf_token": STRING}}
@@ -309,7 +309,7 @@ def account_paths() -> dict[str, Any]:
             "tags": ["accounts"], "summary": "Revoke one of the caller's tokens",
             "parameters": [{"name": "token_id", "in": "path", "required": True,
                             "schema": {"type": "integer", "minimum": 0,
-                                       "maximum": INT64_MAX}}],
+                                       "maximum": TOKEN_ID_MAX}}],
             "responses": {"204": {"description": "Revoked"}, **errors(404)}}},
         "/login": {
             "get": {"tags": ["accounts"], "summary": "The sign-in page", "security": [],

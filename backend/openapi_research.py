@@ -14,6 +14,7 @@ from labq.backend.openapi_parts import (
     MAYBE_TIME,
     OUTCOMES,
     STRING,
+    TEXT,
     blank_ok,
     errors,
     json_answer,
@@ -43,7 +44,7 @@ DATE = {"anyOf": [{"type": "string", "format": "date"},
                   {"type": "string", "format": "date-time"},
                   {"type": "string", "maxLength": 0}]}
 SEARCH_PARAMS = [
-    {"name": "q", "in": "query", "schema": {"type": "string", "maxLength": 200},
+    {"name": "q", "in": "query", "schema": {**TEXT, "maxLength": 200},
      "description": "substring of the name, any case"},
     {"name": "outcome", "in": "query",
      "schema": blank_ok({"type": "string", "enum": OUTCOMES})},
@@ -52,7 +53,7 @@ SEARCH_PARAMS = [
     {"name": "until", "in": "query", "schema": DATE, "description": "created before"},
     {"name": "sort", "in": "query", "schema": blank_ok({"type": "string", "enum": [
         "created", "-created", "duration", "-duration"]})},
-    {"name": "group", "in": "query", "schema": {"type": "string"},
+    {"name": "group", "in": "query", "schema": TEXT,
      "description": "only this group's jobs"},
 ]
 RECEIPT = {"type": "object", "required": ["receipt_version", "job_id", "results",
@@ -94,8 +95,8 @@ USAGE = {"type": "object", "properties": {
 #: Blank (no webhook), or an http(s) URL naming a host (an IP literal must be public:
 #: the server checks that, a pattern cannot), with no user name or password.
 NOTIFY_URL = (r"^\s*$|^\s*[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]*[A-Za-z][A-Za-z0-9.-]*"
-              r"(:[0-9]{1,5})?([/?#]\S*)?\s*$")
-SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+              r"(:[0-9]{1,5})?([/?#][^\s\x00]*)?\s*$")
+SCALAR = {"anyOf": [TEXT, {"type": "number"}, {"type": "boolean"}]}
 ENV_NAME = {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "not": {
     "pattern": "^(LABQ_.*|PATH|HOME|VIRTUAL_ENV|PYTHONHOME|PYTHONPATH|LD_.*)$"}}
 

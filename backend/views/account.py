@@ -14,13 +14,13 @@ from labq.backend.auth import (
     same_origin,
     start_session,
 )
+from labq.backend.params import TOKEN_ID_MAX
 from labq.backend.registry import iso
 from labq.backend.services import services
 from labq.backend.views.pages import page
 from labq.shared.errors import BadRequestError, ForbiddenError, NotFoundError
 
 bp = Blueprint("account", __name__)
-INT64_MAX = 2**63 - 1
 
 
 def _json_body() -> dict[str, Any]:
@@ -92,8 +92,8 @@ def create_token() -> tuple[Response, int]:
 
 @bp.delete("/api/v1/tokens/<int:token_id>")
 def revoke_token(token_id: int) -> tuple[str, int]:
-    # Past 64 bits no token exists (and the database could not compare it).
-    if token_id > INT64_MAX or not accounts.revoke_token(
+    # Past the column's range no token exists (and PostgreSQL could not compare it).
+    if token_id > TOKEN_ID_MAX or not accounts.revoke_token(
             services().engine, current_identity().user_id, token_id):
         raise NotFoundError(f"you have no token {token_id} (see GET /api/v1/tokens)")
     return "", 204

@@ -34,9 +34,6 @@ ENV = {"LABQ_MAX_QUEUED_PER_USER": "40", "LABQ_MAX_UPLOAD_BYTES": str(1024 * 102
        "LABQ_MAX_GROUP_SIZE": "4"}
 #: Streams never end by themselves: read one or two events, or for 1-2 s at most.
 CONFIG = """
-[generation]
-allow-x00 = false
-
 [[operations]]
 include-name = "GET /api/v1/events"
 request-timeout = 1
