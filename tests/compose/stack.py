@@ -208,6 +208,11 @@ class ComposeStack:
         return run(["podman", "exec", self.container(service), *cmd], timeout=timeout,
                    check=check)
 
+    def healthy(self, container: str) -> bool:
+        """The service's own healthcheck, run now (Podman 4.3 without systemd never runs
+        it by itself)."""
+        return run(["podman", "healthcheck", "run", container], check=False).returncode == 0
+
     def restart(self, service: str) -> None:
         run(["podman", "restart", "-t", "45", self.container(service)], timeout=180)
 

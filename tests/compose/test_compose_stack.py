@@ -141,6 +141,23 @@ class Stack:
         assert self.client is not None
         return [j for j in job_ids if self.client.job(j)["state"] == "started"]
 
+    def states(self, job_ids: list[str]) -> str:
+        assert self.client is not None
+        counts: dict[str, int] = {}
+        for job_id in job_ids:
+            state = self.client.job(job_id)["state"]
+            counts[state] = counts.get(state, 0) + 1
+        return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+    def report(self, what: str, phase: str, before: str, jobs: dict[str, dict]) -> None:
+        """One line for the log: what a restart did to the jobs it hit."""
+        attempts = sorted(job.get("attempts") for job in jobs.values())
+        workers = {job.get("worker") for job in jobs.values()}
+        outcomes = sorted({str(job.get("outcome")) for job in jobs.values()})
+        print(f"\n{what}: jobs at the restart: {before}; afterwards {len(jobs)} ended "
+              f"{'/'.join(outcomes)}, attempts {attempts}, on {len(workers)} worker(s); "
+              f"{phase} {self.phases.seconds.get(phase)} s", flush=True)
+
     def assert_succeeded_once(self, jobs: dict[str, dict], tmp: Path) -> None:
         assert self.client is not None
         for job_id, job in jobs.items():
@@ -204,6 +221,11 @@ def test_the_stack_is_ready_with_its_own_credentials_and_schema(stack):
     assert len(hosts) == WORKERS, f"each worker container names itself: {workers}"
     for report in workers.values():
         assert report["mode"] == "required" and report["cgroup"] and not report["missing"]
+    # Every service's healthcheck, as docker-compose.yml defines it, passes.
+    containers = stack.compose.containers()
+    assert len(containers) == 3 + WORKERS, containers
+    for name in containers:
+        assert stack.compose.healthy(name), f"the healthcheck of {name} fails"
     # labq's migrations ran at the backend's start.
     head = stack.compose.exec("postgres", "psql", "-U", "labq", "-d", "labq", "-tAc",
                               "SELECT version_num FROM alembic_version").stdout.strip()
@@ -282,10 +304,14 @@ def test_a_backend_restart_loses_nothing(stack, tmp_path):
     ids = [_submit(client, tmp_path, f"backend-{i}", SLOW_JOB_S) for i in range(2 * WORKERS)]
     wait_until(lambda: stack.running(ids), timeout=120, interval=0.3,
                message="a job running before the backend restarts")
-    with stack.phases("backend restart (podman restart) to ready"):
+    before = stack.states(ids)
+    phase = "backend restart (podman restart) to ready"
+    with stack.phases(phase):
         stack.compose.restart("backend")
         stack.wait_ready()
-    stack.assert_succeeded_once(stack.wait_done(ids), tmp_path)
+    jobs = stack.wait_done(ids)
+    stack.report("backend restart", phase, before, jobs)
+    stack.assert_succeeded_once(jobs, tmp_path)
     after = _submit(client, tmp_path, "backend-after", 1)
     stack.assert_succeeded_once(stack.wait_done([after]), tmp_path)
 
@@ -295,13 +321,17 @@ def test_a_broker_restart_loses_nothing(stack, tmp_path):
     ids = [_submit(client, tmp_path, f"broker-{i}", SLOW_JOB_S) for i in range(2 * WORKERS)]
     wait_until(lambda: stack.running(ids), timeout=120, interval=0.3,
                message="a job running before the broker restarts")
-    with stack.phases("broker stop, submit, start, to ready"):
+    before = stack.states(ids)
+    phase = "broker stop, submit, start, to ready"
+    with stack.phases(phase):
         stack.compose.stop("rabbitmq")
         # Accepted while the broker is away: kept `created`, published when it is back.
         during = _submit(client, tmp_path, "broker-during", 1)
         assert client.job(during)["state"] == "created"
         stack.compose.start("rabbitmq")
         stack.wait_ready()
-    stack.assert_succeeded_once(stack.wait_done([*ids, during]), tmp_path)
+    jobs = stack.wait_done([*ids, during])
+    stack.report("broker stop/start (+1 job submitted while it was down)", phase, before, jobs)
+    stack.assert_succeeded_once(jobs, tmp_path)
     after = _submit(client, tmp_path, "broker-after", 1)
     stack.assert_succeeded_once(stack.wait_done([after]), tmp_path)
