@@ -289,3 +289,10 @@ def test_a_build_from_source_without_a_network_of_its_own_is_refused(builds: Lab
     with open(work / "log", "w+b") as log, \
             cache.acquire(_requirements(work, "--no-index\nlabqdemo==1.0\n"), log) as env:
         assert (env / "labq-lock.txt").read_text() == "labqdemo==1.0\n"
+    # and a worker without bubblewrap (user namespaces blocked) refuses it too
+    cache.box = cache.runner.box = dataclasses.replace(cache.box, bwrap=None, slirp=True)
+    requirements = _requirements(work, "--no-index\nsrconly==1.0\n")
+    with open(work / "log", "w+b") as log, pytest.raises(EnvironmentBuildError) as info, \
+            cache.acquire(requirements, log):
+        pass
+    assert "no bubblewrap" in info.value.message, info.value.message
