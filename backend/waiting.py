@@ -21,6 +21,7 @@ and it is never counted ahead of anyone.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -217,20 +218,38 @@ def waiting_fields(engine: Engine, jobs: list[dict[str, Any]], consumers: int | 
 CONSUMERS_TTL_S = 1.0
 _consumers: weakref.WeakKeyDictionary[Any, tuple[float, int | None]] = \
     weakref.WeakKeyDictionary()
+_asking: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 
 
 def idle_workers(publisher: Any) -> int | None:
     """Consumers on the jobs queue (every connected worker: see :meth:`Workers.count`),
-    or None when the broker is away; at most :data:`CONSUMERS_TTL_S` old."""
+    or None when the broker is away; at most :data:`CONSUMERS_TTL_S` old.
+
+    One request asks the broker at a time; the others meanwhile take the count it had,
+    or (none yet) wait for its answer: two hundred requests queueing for the broker one
+    after the other behind the publisher's lock stalled them all for seconds.
+    """
+    cached = _consumers.get(publisher)
+    if cached is not None and time.monotonic() - cached[0] < CONSUMERS_TTL_S:
+        return cached[1]
+    lock = _asking.setdefault(publisher, threading.Lock())
+    if not lock.acquire(blocking=cached is None):
+        return cached[1]  # type: ignore[index] - someone is asking; the last count will do
+    try:
+        again = _consumers.get(publisher)
+        if again is not None and time.monotonic() - again[0] < CONSUMERS_TTL_S:
+            return again[1]  # answered while we waited
+        count = _ask(publisher)
+        _consumers[publisher] = (time.monotonic(), count)
+        return count
+    finally:
+        lock.release()
+
+
+def _ask(publisher: Any) -> int | None:
     from labq.shared.errors import BrokerUnavailableError
 
-    cached = _consumers.get(publisher)
-    now = time.monotonic()
-    if cached is not None and now - cached[0] < CONSUMERS_TTL_S:
-        return cached[1]
     try:
-        count: int | None = publisher.queue_info(publisher.topology.jobs_queue)[1]
+        return publisher.queue_info(publisher.topology.jobs_queue)[1]
     except BrokerUnavailableError:
-        count = None
-    _consumers[publisher] = (now, count)
-    return count
+        return None

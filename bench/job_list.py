@@ -30,6 +30,9 @@ from lab import add_user, database, raise_open_files
 from seed import seed
 from stack import Stack, load_note, percentile
 
+from labq.shared.db import make_engine
+from labq.shared.settings import Settings
+
 P99_MS = 500.0
 RESEARCHERS = ("alice", "bob", "carol", "dave")
 OTHERS = tuple(f"user{n:02d}" for n in range(1, 16))
@@ -86,10 +89,19 @@ def report(title: str, samples: list[Sample], wall_s: float) -> list[float]:
     return good
 
 
-def run(args: argparse.Namespace, stack: Stack, targets: Targets) -> None:
+def store_history(stack: Stack, jobs: int) -> dict[str, int]:
+    """The lab's history, written before the backend starts (as a lab restarting labq
+    finds it): the database made and migrated as labq does, then filled."""
+    settings = Settings.from_env(stack.env)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_engine(settings).dispose()  # runs the migrations
+    return seed(settings.resolved_database_url, jobs, ["admin", *RESEARCHERS, *OTHERS],
+                queued=1000, running=20)
+
+
+def run(args: argparse.Namespace, stack: Stack, counts: dict[str, int], targets: Targets
+        ) -> None:
     tokens = {"admin": stack.token, **{u: add_user(stack, u) for u in RESEARCHERS}}
-    url = stack.env.get("LABQ_DATABASE_URL") or f"sqlite:///{stack.data_dir / 'labq.db'}"
-    counts = seed(url, args.jobs, ["admin", *RESEARCHERS, *OTHERS], queued=1000, running=20)
     print(f"stored {sum(counts.values())} jobs {counts}")
     host, port = "127.0.0.1", stack.port
     one = make_clients(1, tokens)
@@ -131,8 +143,9 @@ def main() -> int:
     print("before (issue 10): 1,000 concurrent GETs of the job list: p50 9.7 s, p99 19.7 s")
     with database(args.database) as env, Stack(
             "list", env={**env, "LABQ_RECONCILE_INTERVAL_S": "3600"}) as stack:
+        counts = store_history(stack, args.jobs)
         stack.start_backend()
-        run(args, stack, targets)
+        run(args, stack, counts, targets)
     return targets.exit_code()
 
 
