@@ -56,8 +56,8 @@ def sandbox_reports(data_dir: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             continue
         reports[path.stem] = {key: data.get(key) for key in (
-            "host", "mode", "complete", "uid_pool", "bwrap", "network_isolation", "cgroup",
-            "rlimits", "missing")}
+            "host", "mode", "complete", "uid_pool", "bwrap", "network_isolation",
+            "slirp4netns", "cgroup", "rlimits", "missing")}
     return reports
 
 

@@ -325,6 +325,7 @@ def test_readyz_and_stats_show_each_workers_layers(boxed: LabqSystem):
     assert len(ready["sandbox"]) == 2, ready
     for layers in ready["sandbox"].values():
         assert layers["complete"] and layers["cgroup"] in ("v1", "v2") and layers["bwrap"]
+        assert layers["slirp4netns"] and layers["network_isolation"] and layers["uid_pool"]
     stats = boxed.http.get(boxed.api("/api/v1/stats"), timeout=10).json()
     assert stats["sandbox"] == ready["sandbox"]
 
