@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from figures import Targets
-from stack import CpuMeter, Stack, bundle, load_note, percentile
+from stack import CpuMeter, Stack, bundle, load_note, percentile, time_budget
 
 from labq.process_unit import isolation
 from labq.shared.settings import Settings
@@ -124,6 +124,7 @@ def main() -> int:
     body = bundle({"code.py": CODE})
     python = job_python()
     print(f"job overhead ({load_note()})", flush=True)
+    time_budget(120)
     bare_before, bare_cpu = bare_run(python, args.jobs, args.workers)
     with Stack("overhead") as stack:
         try:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from figures import Targets
 from job_overhead import bare_run, job_python
-from stack import Stack, bundle, load_note
+from stack import Stack, bundle, load_note, time_budget
 
 TARGET = 0.9
 CODE = "import time\ntime.sleep(1)\nprint('ok')\n"
@@ -62,6 +62,7 @@ def main() -> int:
     body = bundle({"code.py": CODE})
     python = job_python()
     print(f"scale-out ({load_note()})", flush=True)
+    time_budget(150)
     rows = []
     with Stack("scale") as stack:
         try:

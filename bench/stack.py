@@ -129,6 +129,17 @@ class CpuMeter:
         return self.used
 
 
+def time_budget(seconds: float) -> None:
+    """Bound a whole benchmark: past ``seconds`` a TimeoutError is raised wherever it
+    is (the Stack's ``with`` block then still tears labq down)."""
+
+    def expired(_signum: int, _frame: object) -> None:
+        raise TimeoutError(f"the benchmark ran past its budget of {seconds:.0f} s")
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -359,6 +370,7 @@ class Stack:
 
     # -- teardown ---------------------------------------------------------------------
     def close(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # a time budget never cuts the teardown
         if self.events is not None:
             self.events.close()
         self.stop_workers()
