@@ -1,15 +1,20 @@
 """``labq backend``: the Flask app under gunicorn's gevent worker, started programmatically.
 
-One process; every request and every open event or log stream is a greenlet, so open
-streams cost a socket and an inbox each, not a thread: a thousand browser tabs leave the
-API as fast as with none. The gevent worker monkey-patches the standard library before
-the app is imported into it, so the background threads (event applier, outbox relay,
-reconciler, status broadcaster with their pika BlockingConnections; the event feed and
-log watcher) are greenlets too, SQLAlchemy's pool waits cooperatively, and psycopg 3
+One process per core (``LABQ_BACKEND_PROCESSES``); in each, every request and every open
+event or log stream is a greenlet, so open streams cost a socket and an inbox each, not
+a thread: a thousand browser tabs leave the API as fast as with none, and the processes
+share the requests between the cores (Python runs one thread at a time per process).
+The open streams of all of them are counted together (backend/streams.py), and one of
+them applies the workers' events (backend/leader.py).
+
+The gevent worker monkey-patches the standard library before the app is imported into
+it, so the background threads (event applier, outbox relay, reconciler, status
+broadcaster with their pika BlockingConnections; the event feed and log watcher) are
+greenlets too, SQLAlchemy's pool waits cooperatively, and psycopg 3
 (from 3.1.14) waits on PostgreSQL cooperatively by itself. SQLite's calls are short and
 run in place.
 
-The worker keeps room for ``LABQ_MAX_STREAMS`` streams plus 1,000 other connections,
+Each process keeps room for ``LABQ_MAX_STREAMS`` streams plus 1,000 other connections,
 gives a client ``LABQ_HEADER_TIMEOUT_S`` to send its headers and holds request bodies to
 the deadlines of backend/slowclients.py. SIGTERM or SIGINT ends open streams and
 background threads, then gunicorn exits cleanly.
@@ -17,15 +22,21 @@ background threads, then gunicorn exits cleanly.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import resource
 import signal
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.ggevent import GeventWorker
 
+from labq.backend.streamboard import StreamBoard
 from labq.shared.hardening import protect_process
 from labq.shared.logs import setup_logging
 from labq.shared.settings import Settings
@@ -38,6 +49,8 @@ GRACEFUL_TIMEOUT_S = 10
 SPARE_FILES = 256
 #: Connections kept for everything that is not a stream, on top of LABQ_MAX_STREAMS.
 API_CONNECTIONS = 1000
+#: Processes when LABQ_BACKEND_PROCESSES is 0: one per core, up to this many.
+MAX_DEFAULT_PROCESSES = 4
 
 
 class LabqGeventWorker(GeventWorker):
@@ -106,6 +119,25 @@ def connections(settings: Settings) -> int:
     return settings.max_streams + API_CONNECTIONS
 
 
+def processes(settings: Settings) -> int:
+    if settings.backend_processes > 0:
+        return settings.backend_processes
+    return max(1, min(MAX_DEFAULT_PROCESSES, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def one_at_a_time(data_dir: Path) -> Iterator[None]:
+    """Processes starting together build their apps in turn, so the first start's work
+    (admin account, signing key) is done once and seen complete by the others."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(data_dir) / ".backend-start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def raise_open_files(needed: int) -> int:
     """Lift the soft limit on open files to what the connections need (a usual default
     is 1,024); returns the limit in force. The forked worker inherits it."""
@@ -124,13 +156,18 @@ def raise_open_files(needed: int) -> int:
 class BackendServer(BaseApplication):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Made before gunicorn forks, so every process shares it.
+        self.board = StreamBoard(processes(settings))
         super().__init__()
+
+    def _post_fork(self, _server: Any, _worker: Any) -> None:
+        self.board.claim()
 
     def load_config(self) -> None:
         s = self.settings
         options = {
             "bind": f"{s.host}:{s.port}",
-            "workers": 1,
+            "workers": processes(s),
             "worker_class": LabqGeventWorker,
             "worker_connections": connections(s),
             "timeout": 60,
@@ -143,6 +180,7 @@ class BackendServer(BaseApplication):
             "errorlog": "-",
             "accesslog": "-" if s.log_level.upper() == "DEBUG" else None,
             "proc_name": "labq-backend",
+            "post_fork": self._post_fork,
             "post_worker_init": _post_worker_init,
             "worker_exit": _worker_exit,
         }
@@ -160,7 +198,9 @@ class BackendServer(BaseApplication):
         from labq.backend.slowclients import BodyDeadline
 
         s = self.settings
-        app = create_app(s, start_background=True)
+        with one_at_a_time(s.data_dir):
+            app = create_app(s, start_background=True)
+        app.extensions["labq"].streams.board = self.board
         app.wsgi_app = TakeTurns(BodyDeadline(  # type: ignore[method-assign]
             app.wsgi_app, s.body_timeout_s, s.body_min_bytes_per_s))
         return app

@@ -1,9 +1,10 @@
 """The backend's long-lived objects, built once per process and kept on the Flask app.
 
 Views reach them with :func:`services` (``current_app.extensions["labq"]``); the
-background threads (event applier, outbox relay, reconciler, status broadcaster, and
-the event feed and log watcher that serve every open stream) are started here when the
-app is served, and stopped by :meth:`Services.shutdown`.
+background threads are started here when the app is served, and stopped by
+:meth:`Services.shutdown`: in every process the event feed and log watcher that serve
+its open streams and the status broadcaster; in one process per host (backend/leader.py)
+the event applier, outbox relay and reconciler.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from labq.backend.applier import EventApplier
 from labq.backend.broadcast import StatusBroadcaster
 from labq.backend.feed import EventFeed, Owners
 from labq.backend.hub import Hub
+from labq.backend.leader import Leader, lock_path
 from labq.backend.logwatch import LogWatcher
 from labq.backend.notify import Notifier
 from labq.backend.registry import Registry
@@ -67,14 +69,22 @@ class Services:
         self.notifier = Notifier(self.settings, self.stop)
         feed = EventFeed(self.engine, self.hub, self.owners or Owners(self.engine), self.stop)
         feed.start_at_latest()
+
+        def leader_threads() -> list[threading.Thread]:
+            # One process per host runs these (backend/leader.py).
+            return [
+                EventApplier(self.settings, self.registry, self.hub, self.stop,
+                             notifier=self.notifier),
+                OutboxRelay(self.settings, self.engine, self.publisher, self.stop),
+                Reconciler(self.settings, self.engine, self.publisher, self.storage,
+                           self.stop),
+            ]
+
         self.threads = [
             feed,
             LogWatcher(self.engine, self.storage, self.hub, self.stop),
-            EventApplier(self.settings, self.registry, self.hub, self.stop,
-                         notifier=self.notifier),
-            OutboxRelay(self.settings, self.engine, self.publisher, self.stop),
-            Reconciler(self.settings, self.engine, self.publisher, self.storage, self.stop),
             StatusBroadcaster(self.settings, self.hub, self.stop),
+            Leader(lock_path(self.settings), self.stop, leader_threads),
         ]
         # Declare the queues now (the publisher declares them on connect) so the jobs
         # queue exists from start-up, before the first upload; a broker that is down is

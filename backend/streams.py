@@ -4,8 +4,9 @@ Under the gevent worker (backend/server.py) an open stream costs a greenlet, a s
 an inbox, not a thread, so a thousand open browser tabs leave the API as fast as ever.
 :class:`StreamSlots` still caps them (``LABQ_MAX_STREAMS``): one more gets a 503 with
 ``Retry-After``, which the pages answer by polling a moment, and the CLI by saying so.
-The server (backend/server.py) keeps room for that many streams plus 1,000 other
-connections, so streams can never take the connections the API needs.
+The cap counts the streams of all the backend's processes (:class:`StreamBoard`), and
+each process keeps room for that many plus 1,000 other connections, so streams can
+never take the connections the API needs.
 
 :class:`ClientLink` watches a stream's socket: an SSE client sends nothing after its
 request, so the socket becoming readable means it closed (or broke the protocol), and
@@ -23,30 +24,46 @@ from typing import Any
 from flask import Response, request
 
 from labq.backend.errors import error_response
+from labq.backend.streamboard import StreamBoard
 
 RETRY_AFTER_S = 5
 SEND_TIMEOUT_S = 60.0
 
 
 class StreamSlots:
-    def __init__(self, limit: int) -> None:
+    """The cap: ``limit`` open streams in this process, or on the ``board`` in all the
+    processes of the backend (two taking the last slot at the same instant may both get
+    it: the cap protects capacity, it is not a quota)."""
+
+    def __init__(self, limit: int, board: StreamBoard | None = None) -> None:
         self.limit = max(1, limit)
-        self._open = 0
+        self.board = board
+        self._open = {kind: 0 for kind in StreamBoard.KINDS}
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
+    def take(self, kind: str = "events") -> bool:
         with self._lock:
-            if self._open >= self.limit:
+            if len(self) >= self.limit:
                 return False
-            self._open += 1
+            self._open[kind] += 1
+            if self.board is not None:
+                self.board.add(kind, 1)
             return True
 
-    def give_back(self) -> None:
+    def give_back(self, kind: str = "events") -> None:
         with self._lock:
-            self._open -= 1
+            self._open[kind] -= 1
+            if self.board is not None:
+                self.board.add(kind, -1)
+
+    def count(self, kind: str | None = None) -> int:
+        """Open streams (of one kind), in every process when there is a board."""
+        if self.board is not None and self.board.slot >= 0:
+            return self.board.total(kind)
+        return sum(n for k, n in self._open.items() if kind in (None, k))
 
     def __len__(self) -> int:
-        return self._open
+        return self.count()
 
 
 def _gevent_socket(environ: dict[str, Any]) -> Any:
@@ -106,9 +123,11 @@ class _Body:
     """The response body of one stream: its chunks, giving the slot back exactly once,
     whether the stream ran to its end, failed, or was closed before it started."""
 
-    def __init__(self, slots: StreamSlots, stream: Callable[[ClientLink], Iterator[str]],
-                 environ: dict[str, Any]) -> None:
+    def __init__(self, slots: StreamSlots, kind: str,
+                 stream: Callable[[ClientLink], Iterator[str]], environ: dict[str, Any]
+                 ) -> None:
         self._slots = slots
+        self._kind = kind
         self._link = ClientLink(environ)
         self._chunks = stream(self._link)
         self._done = False
@@ -131,15 +150,15 @@ class _Body:
             self._chunks.close()  # the stream's own cleanup: it leaves the hub
         finally:
             self._link.close()
-            self._slots.give_back()
+            self._slots.give_back(self._kind)
 
 
-def sse_response(slots: StreamSlots, stream: Callable[[ClientLink], Iterator[str]]
-                 ) -> Response:
+def sse_response(slots: StreamSlots, stream: Callable[[ClientLink], Iterator[str]],
+                 kind: str = "events") -> Response:
     """A text/event-stream response of ``stream(link)``, holding one slot until it ends,
     or a 503 when every slot is taken. ``stream`` runs outside the request context: it
-    gets what it needs from the view."""
-    if not slots.take():
+    gets what it needs from the view. ``kind``: ``events`` or ``logs`` (for the gauges)."""
+    if not slots.take(kind):
         resp = error_response(
             503, "too_many_streams",
             f"the server already has {slots.limit} live streams open; it retries by "
@@ -147,7 +166,8 @@ def sse_response(slots: StreamSlots, stream: Callable[[ClientLink], Iterator[str
             retry_after_s=RETRY_AFTER_S)
         resp.headers["Retry-After"] = str(RETRY_AFTER_S)
         return resp
-    resp = Response(_Body(slots, stream, request.environ), mimetype="text/event-stream")
+    resp = Response(_Body(slots, kind, stream, request.environ),
+                    mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp

@@ -158,20 +158,31 @@ def _look_up_places(engine: Engine, jobs: list[dict[str, Any]]) -> dict[str, int
             for job in jobs}
 
 
-def estimate_start(place: int, idle: int, running_s: list[float], typical: float,
-                   now: float) -> float | None:
-    """When the job at ``place`` should start; None when no worker is connected.
+def free_times(idle: int, running_s: list[float], typical: float, now: float
+               ) -> list[float]:
+    """When each connected worker is next free, soonest first: idle ones now, busy ones
+    when their job reaches the typical run time (now, if it is past it)."""
+    return sorted([now] * idle + [now + max(0.0, typical - ran) for ran in running_s])
 
-    Each worker is free at some time within one typical run from now and then takes a
-    job every typical run, so the queue is served in rounds, one job per worker each:
-    ``place`` starts in round ``(place - 1) // workers``, on the worker that is free
-    ``(place - 1) % workers``-th.
+
+def start_at(place: int, free: list[float], typical: float) -> float | None:
+    """When the job at ``place`` should start, given :func:`free_times`.
+
+    Each worker is free within one typical run from now and then takes a job every
+    typical run, so the queue is served in rounds, one job per worker each: ``place``
+    starts in round ``(place - 1) // workers``, on the worker free ``(place - 1) %
+    workers``-th. None when no worker is connected.
     """
-    free = sorted([now] * idle + [now + max(0.0, typical - ran) for ran in running_s])
     if not free:
         return None
     rounds, nth = divmod(place - 1, len(free))
     return free[nth] + rounds * typical
+
+
+def estimate_start(place: int, idle: int, running_s: list[float], typical: float,
+                   now: float) -> float | None:
+    """When the job at ``place`` should start; None when no worker is connected."""
+    return start_at(place, free_times(idle, running_s, typical, now), typical)
 
 
 def reason(place: int, workers: Workers) -> str:
@@ -203,11 +214,11 @@ def waiting_fields(engine: Engine, jobs: list[dict[str, Any]], consumers: int | 
     snap = snapshot(engine)
     workers = Workers.count(consumers, snap.busy)
     now = time.time()
-    running_s = snap.running_s(now)
+    free = free_times(workers.idle or 0, snap.running_s(now), snap.typical, now)
     places = positions(engine, waiting, snap.mark)
     for job in waiting:
         place = places[job["id"]]
-        start = estimate_start(place, workers.idle or 0, running_s, snap.typical, now)
+        start = start_at(place, free, snap.typical)
         out[job["id"]] = {"queue_position": place, "estimated_start_at": iso(start),
                           "waiting_reason": reason(place, workers)}
     return out

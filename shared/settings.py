@@ -55,8 +55,12 @@ class Settings:
     #: Size of the backend's pools for outgoing calls (e.g. S3 connections). Requests
     #: and streams are greenlets (gevent), not threads, and are not bounded by it.
     backend_threads: int = 64
-    #: Most live streams (events, logs) one backend process keeps open; one more gets
-    #: 503 with Retry-After. 1,000 more connections are kept for the API and the pages.
+    #: Processes of ``labq backend`` (gunicorn gevent workers); 0: one per CPU core, at
+    #: most 4. Each serves requests and streams; one of them applies the workers' events.
+    backend_processes: int = 0
+    #: Most live streams (events, logs) one ``labq backend`` keeps open, all its processes
+    #: together; one more gets 503 with Retry-After. Each process keeps 1,000 more
+    #: connections for the API and the pages.
     max_streams: int = 2000
     #: Seconds a client has to send a request's line and headers (also how long an idle
     #: keep-alive connection is kept).

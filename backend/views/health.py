@@ -101,9 +101,11 @@ def metrics() -> Response:
                   "# TYPE labq_workers gauge",
                   f"labq_workers {queue['workers']}"]
     lines += ["# HELP labq_event_streams Open server-sent event streams.",
-              "# TYPE labq_event_streams gauge", f"labq_event_streams {len(svc.hub)}",
-              "# HELP labq_streams_open Open live streams (events and logs) of this process.",
+              "# TYPE labq_event_streams gauge",
+              f"labq_event_streams {svc.streams.count('events')}",
+              "# HELP labq_streams_open Open live streams (events and logs), all backend "
+              "processes.",
               "# TYPE labq_streams_open gauge", f"labq_streams_open {len(svc.streams)}",
-              "# HELP labq_streams_limit Most live streams this process keeps open.",
+              "# HELP labq_streams_limit Most live streams the backend keeps open.",
               "# TYPE labq_streams_limit gauge", f"labq_streams_limit {svc.streams.limit}"]
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")

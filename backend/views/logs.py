@@ -41,7 +41,8 @@ def show(job_id: str) -> Response:
     if wants_stream():
         if opened is not None:
             opened.close()
-        return sse_response(svc.streams, lambda link: log_stream(svc, job_id, offset, link))
+        return sse_response(svc.streams, lambda link: log_stream(svc, job_id, offset, link),
+                            kind="logs")
     size = os.fstat(opened.fileno()).st_size if opened is not None else 0
 
     def body() -> Iterator[bytes]:

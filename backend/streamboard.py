@@ -1,0 +1,60 @@
+"""The open streams of every process of one ``labq backend``, counted in shared memory.
+
+Kept apart from backend/streams.py (Flask) because the board is made in gunicorn's
+master process, before it forks the workers and before gevent patches them, where as
+little as possible is imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+
+
+class StreamBoard:
+    """How many streams each process of one ``labq backend`` has open, in memory the
+    processes share (made before gunicorn forks them), so the cap and the gauges count
+    them all. Each process writes only its own slot; a slot whose process died is taken
+    over, counts cleared, by the next process that starts.
+    """
+
+    KINDS = ("events", "logs")
+
+    def __init__(self, processes: int) -> None:
+        self.size = max(1, processes) * 2  # room for replacements of dead processes
+        self._pids = multiprocessing.RawArray(ctypes.c_long, self.size)
+        self._counts = multiprocessing.RawArray(ctypes.c_long, self.size * len(self.KINDS))
+        self._lock = multiprocessing.Lock()
+        self.slot = -1
+
+    def claim(self) -> None:
+        """Take a slot for this process (gunicorn's post_fork)."""
+        with self._lock:
+            for slot in range(self.size):
+                pid = self._pids[slot]
+                if pid == 0 or not _alive(pid):
+                    self._pids[slot] = os.getpid()
+                    for k in range(len(self.KINDS)):
+                        self._counts[slot * len(self.KINDS) + k] = 0
+                    self.slot = slot
+                    return
+        raise RuntimeError("no free stream slot for this backend process")
+
+    def add(self, kind: str, delta: int) -> None:
+        self._counts[self.slot * len(self.KINDS) + self.KINDS.index(kind)] += delta
+
+    def total(self, kind: str | None = None) -> int:
+        kinds = range(len(self.KINDS)) if kind is None else [self.KINDS.index(kind)]
+        return sum(self._counts[slot * len(self.KINDS) + k]
+                   for slot in range(self.size) if self._pids[slot] for k in kinds)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
