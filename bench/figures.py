@@ -58,7 +58,8 @@ class Targets:
               at_most: bool = True) -> bool:
         ok = value <= limit if at_most else value >= limit
         sign = "<=" if at_most else ">="
-        print(f"  [{'ok' if ok else 'MISSED'}] {name}: {value:.1f} {unit} "
+        shown = f"{value:.2f}" if unit == "x" else f"{value:.1f}"  # ratios need two places
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}: {shown} {unit} "
               f"(target {sign} {limit:g} {unit})")
         if not ok:
             self.missed.append(name)
