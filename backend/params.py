@@ -56,6 +56,8 @@ def refuse_nul() -> None:
     """A before-request hook (after authentication, so no stranger's upload is parsed)."""
     for where, values in (("query", request.args), ("form", request.form)):
         for name, value in values.items(multi=True):
+            # werkzeug gives None for a form part whose name it cannot read.
+            name, value = name or "", value or ""
             if NUL in name or NUL in value:
                 raise BadRequestError(f"the {where} parameter {name[:40]!r} holds a NUL "
                                       "character; no text sent to labq may", field=name)

@@ -120,3 +120,11 @@ def test_no_text_may_hold_a_nul_character(client):
     form = upload(client, make_zip({"code.py": ""}), notify_url="https://example.org/\x00")
     assert form.status_code == 400 and form.json["error"]["field"] == "notify_url"
     assert client.get("/api/v1/jobs?group=ab").status_code == 200
+
+
+def test_a_form_part_with_an_unreadable_name_is_no_server_error(client):
+    # werkzeug reads the name of this part as None (the backslash escapes the quote).
+    body = b'--b\r\nContent-Disposition: form-data; name="x\\"\r\n\r\nv\r\n--b--\r\n'
+    resp = client.post("/api/v1/jobs", data=body,
+                       content_type="multipart/form-data; boundary=b")
+    assert resp.status_code == 400 and resp.json["error"]["field"] == "bundle"
