@@ -307,7 +307,8 @@ def test_a_backend_restart_loses_nothing(stack, tmp_path):
     before = stack.states(ids)
     phase = "backend restart (podman restart) to ready"
     with stack.phases(phase):
-        stack.compose.restart("backend")
+        with stack.phases("podman restart backend"):
+            stack.compose.restart("backend")
         stack.wait_ready()
     jobs = stack.wait_done(ids)
     stack.report("backend restart", phase, before, jobs)
@@ -324,7 +325,8 @@ def test_a_broker_restart_loses_nothing(stack, tmp_path):
     before = stack.states(ids)
     phase = "broker stop, submit, start, to ready"
     with stack.phases(phase):
-        stack.compose.stop("rabbitmq")
+        with stack.phases("podman stop rabbitmq"):
+            stack.compose.stop("rabbitmq")
         # Accepted while the broker is away: kept `created`, published when it is back.
         during = _submit(client, tmp_path, "broker-during", 1)
         assert client.job(during)["state"] == "created"
