@@ -104,7 +104,10 @@ class Supervisor:
         self.started_at = time.monotonic()
         self._next_reap = self.started_at + REAP_EVERY_S
         # Opened before the exit thread can reap it, so it names this process for sure.
-        self._pidfd = os.pidfd_open(self.popen.pid)
+        try:
+            self._pidfd = os.pidfd_open(self.popen.pid)
+        except OSError:  # a kernel older than 5.3: kill_main falls back to the pid
+            self._pidfd = None
         log.info("started pid %d: %s", self.popen.pid, " ".join(self.command.argv[-3:]))
         threading.Thread(target=self._wait_exit, args=(self.popen, on_exit), daemon=True,
                          name=f"exit-{self.popen.pid}").start()
@@ -137,9 +140,13 @@ class Supervisor:
     def kill_main(self) -> None:
         """SIGKILL the main process if it still runs (through its pidfd: never another
         process that got its pid after it was reaped)."""
-        if self._pidfd is not None and not self.exited.is_set():
-            with contextlib.suppress(ProcessLookupError):
+        if self.exited.is_set() or self.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self._pidfd is not None:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:
+                self.popen.kill()  # Popen signals only a child it has not reaped
 
     def processes(self) -> dict[int, proctree.Proc]:
         if self.finder is not None:
