@@ -35,7 +35,8 @@ def insert_job(conn: Any, values: Mapping[str, Any]) -> Row:
     row.update({"state": State.CREATED, "attempts": 0, "seq": 0, "created_at": now,
                 "updated_at": now, **values})
     row["state"] = str(row["state"])
-    conn.execute(insert(db.jobs).values(**row))
+    # Values as parameters, not in the statement: one cached statement for every job.
+    conn.execute(insert(db.jobs), row)
     insert_event(conn, job_id=row["id"], seq=0, state=State.CREATED, at=now)
     return row
 
@@ -49,8 +50,8 @@ def insert_event(conn: Any, *, job_id: str, seq: int, state: str, outcome: str |
     data = {"kind": "lifecycle", "job_id": job_id, "seq": seq, "state": str(state),
             "outcome": outcome, "exit_code": exit_code, "error": error, "attempt": attempt,
             "worker": worker, "worker_host": worker_host, "at": at}
-    conn.execute(insert(db.events).values(job_id=job_id, seq=seq, state=str(state),
-                                          outcome=outcome, at=at, data=json.dumps(data)))
+    conn.execute(insert(db.events), {"job_id": job_id, "seq": seq, "state": str(state),
+                                     "outcome": outcome, "at": at, "data": json.dumps(data)})
 
 
 def move(conn: Any, job: Mapping[str, Any], target: State, *, seq: int,
