@@ -266,33 +266,38 @@ def system_paths() -> dict[str, Any]:
     }
 
 
+ME = {"type": "object", "required": ["name", "admin", "via"], "properties": {
+    "name": STRING, "admin": {"type": "boolean"},
+    "via": {"type": "string", "enum": ["token", "session"]},
+    "token_id": nullable({"type": "integer"}),
+    "csrf_token": nullable({"type": "string"})}}
+TOKEN = {"type": "object", "required": ["id", "name", "created_at"], "properties": {
+    "id": {"type": "integer"}, "name": STRING,
+    "created_at": {"type": "string", "format": "date-time"},
+    "last_used_at": nullable({"type": "string", "format": "date-time"})}}
+TOKEN_NAME = {**TEXT, "description": "blank: `token`; at most 100 characters once "
+              "surrounding spaces are removed (longer: 400 `account_error`)"}
+SIGNED_IN = {"type": "object", "required": ["name", "admin", "csrf_token"],
+             "properties": {"name": STRING, "admin": {"type": "boolean"},
+                            "csrf_token": STRING}}
+SESSION_COOKIE = {"Set-Cookie": header("the session: `labq_session=...; HttpOnly; "
+                                       "SameSite=Lax` (and Secure over https)",
+                                       required=True)}
+
+
 def account_paths() -> dict[str, Any]:
-    me = {"type": "object", "required": ["name", "admin", "via"], "properties": {
-        "name": STRING, "admin": {"type": "boolean"},
-        "via": {"type": "string", "enum": ["token", "session"]},
-        "token_id": nullable({"type": "integer"}),
-        "csrf_token": nullable({"type": "string"})}}
-    token = {"type": "object", "required": ["id", "name", "created_at"], "properties": {
-        "id": {"type": "integer"}, "name": STRING,
-        "created_at": {"type": "string", "format": "date-time"},
-        "last_used_at": nullable({"type": "string", "format": "date-time"})}}
-    name = {**TEXT, "description": "blank: `token`; at most 100 characters "
-            "once surrounding spaces are removed (longer: 400 `account_error`)"}
     token_body = {"required": False, "content": {
-        "application/json": {"schema": json_object({"name": name})},
-        "application/x-www-form-urlencoded": {"schema": form_object({"name": name})}}}
+        "application/json": {"schema": json_object({"name": TOKEN_NAME})},
+        "application/x-www-form-urlencoded": {"schema": form_object({"name": TOKEN_NAME})}}}
     login = {"required": True, "content": {"application/json": {"schema": json_object(
         {"name": {**TEXT, "minLength": 1}, "password": TEXT}, ["name", "password"])}}}
-    signed_in = {"type": "object", "required": ["name", "admin", "csrf_token"],
-                 "properties": {"name": STRING, "admin": {"type": "boolean"},
-                                "csrf_token": STRING}}
     return {
         "/api/v1/me": {"get": {"tags": ["accounts"], "summary": "Who is asking",
-                               "responses": {"200": json_answer(me, "The caller")}}},
+                               "responses": {"200": json_answer(ME, "The caller")}}},
         "/api/v1/tokens": {
             "get": {"tags": ["accounts"], "summary": "The caller's live API tokens",
                     "responses": {"200": json_answer({"type": "object", "properties": {
-                        "tokens": {"type": "array", "items": token}}}, "Tokens")}},
+                        "tokens": {"type": "array", "items": TOKEN}}}, "Tokens")}},
             "post": {"tags": ["accounts"], "summary": "Make an API token (shown once)",
                      "description": "Also with Basic credentials (user name and password), "
                                     "rate limited like the sign-in page: how `labq login` "
@@ -320,7 +325,8 @@ def account_paths() -> dict[str, Any]:
                      "description": "JSON only, and never from another origin (403), so a "
                                     "foreign site cannot sign a visitor in.",
                      "security": [], "requestBody": login,
-                     "responses": {"200": json_answer(signed_in, "Signed in"),
+                     "responses": {"200": json_answer(SIGNED_IN, "Signed in",
+                                                      SESSION_COOKIE),
                                    "401": {"$ref": "#/components/responses/E401"},
                                    **errors(400, 403, 413, 429, 503)}}},
         "/logout": {"post": {"tags": ["accounts"], "summary": "Sign the browser out",
