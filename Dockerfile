@@ -6,6 +6,7 @@
 # labq is installed with a plain `pip install .` (not editable), as on a server. CI builds
 # it on local images (tests/compose/) and hands pip its CA bundle as the optional build
 # secret `ca_bundle`; without that secret pip uses its own certificates, as usual.
+# (`RUN --mount` needs BuildKit: Docker's default builder, and Podman's buildah.)
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 

@@ -172,7 +172,8 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory,
+          request: pytest.FixtureRequest) -> Iterator[Stack]:
     why = engine.why_not()
     if why:
         if os.environ.get("CI") and os.geteuid() == 0:
@@ -201,7 +202,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             result.wait_ready()
         print(f"\ncompose stack {compose.project} ready at {result.url} (base: {source}); "
               f"{phases.report()}", flush=True)
+        failed_before = request.session.testsfailed
         yield result
+        if request.session.testsfailed > failed_before:
+            print(compose.logs(), flush=True)  # what the services said, for the failure
     except BaseException:
         print(compose.logs(), flush=True)
         raise
