@@ -14,8 +14,6 @@ from typing import Any
 from labq.shared.lifecycle import Outcome, State
 
 JSON = "application/json"
-#: The largest integer the database stores (SQLite and PostgreSQL BIGINT).
-INT64_MAX = 2**63 - 1
 HEX32 = "^[0-9a-f]{32}$"
 STATES = [s.value for s in State]
 OUTCOMES = [o.value for o in Outcome]
@@ -53,6 +51,16 @@ def header(description: str, required: bool = False,
 def errors(*codes: int) -> dict[str, Any]:
     """References to the shared error answers, e.g. ``errors(404, 409)``."""
     return {str(c): {"$ref": f"#/components/responses/E{c}"} for c in codes}
+
+
+def positive(maximum: int, description: str = "") -> dict[str, Any]:
+    """A whole number from 1 up to the server's ``maximum`` (0: this server sets none)."""
+    schema: dict[str, Any] = {"type": "integer", "minimum": 1}
+    if maximum:
+        schema["maximum"] = maximum
+    if description:
+        schema["description"] = description
+    return schema
 
 
 def blank_ok(schema: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +102,6 @@ def form_object(properties: dict[str, Any], required: list[str] | None = None
 DATE_TIME = {"type": "string", "format": "date-time"}
 MAYBE_TIME = nullable(DATE_TIME)
 MAYBE_STRING = nullable(STRING)
-WHOLE = {"type": "integer", "minimum": 0, "maximum": INT64_MAX}
 
 ERROR = {
     "type": "object", "required": ["error"], "properties": {"error": {
@@ -165,8 +172,10 @@ CURSOR = {
 IDEMPOTENCY_MAX = 200
 IDEMPOTENCY = {
     "name": "Idempotency-Key", "in": "header",
-    "description": "repeat an upload safely: the same key (per user) answers the job it "
-                   "made, 200 with Idempotent-Replayed; blank is no key",
+    "description": "repeat an upload safely: a valid upload with a key the caller used "
+                   "before answers the job that key made (200, Idempotent-Replayed) "
+                   "instead of making another; an invalid one is refused as always; "
+                   "blank is no key",
     "schema": {"type": "string", "maxLength": IDEMPOTENCY_MAX}}
 LIST_PARAMS = [
     {"name": "state", "in": "query", "schema": blank_ok({"type": "string", "enum": STATES})},

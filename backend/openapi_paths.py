@@ -14,7 +14,6 @@ from typing import Any
 from labq.backend.openapi_parts import (
     CURSOR_MAX,
     IDEMPOTENCY,
-    INT64_MAX,
     JOB_ID,
     LIST_PARAMS,
     STRING,
@@ -26,9 +25,10 @@ from labq.backend.openapi_parts import (
     json_answer,
     json_object,
     nullable,
+    positive,
     ref,
 )
-from labq.backend.params import MAX_WHOLE, TOKEN_ID_MAX
+from labq.backend.params import MAX_DIGITS, MAX_WHOLE, TOKEN_ID_MAX
 from labq.shared.settings import MIB, Settings
 
 ZIP = "application/zip"
@@ -38,12 +38,6 @@ REPLAYED = {"Idempotent-Replayed": header("`true`: the job an earlier upload wit
                                           "Idempotency-Key made", required=True,
                                           schema={"type": "string", "enum": ["true"]})}
 ONE = [JOB_ID]
-
-
-def _limit(description: str, maximum: int) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "integer", "minimum": 1,
-                              "maximum": maximum or INT64_MAX}
-    return {**schema, "description": description}
 
 
 def upload_body(settings: Settings) -> dict[str, Any]:
@@ -57,15 +51,16 @@ def upload_body(settings: Settings) -> dict[str, Any]:
             "an optional labq.toml sets the job. Refused: not a zip, damaged, "
             "password-protected, absolute or `..` paths, symbolic links, a name both "
             "file and folder (400 `bad_bundle`); over the limits (413); no script, or "
-            "a bad labq.toml (422).")},
+            "a bad labq.toml (422). Archiver junk (__MACOSX/, .DS_Store, Thumbs.db) is "
+            "left out.")},
         "name": {**TEXT, "description": "shown in lists (cleaned to "
                  "[A-Za-z0-9._-], at most 100); default: the top folder or file name"},
         "entrypoint": {**TEXT, "description": "the script to run, a path "
                        "inside the bundle's top folder; one that is not in the bundle "
                        "is a 422 `missing_entrypoint`; blank: labq.toml's, or code.py"},
-        "timeout_s": _limit("wall-clock limit in seconds", settings.max_timeout_s),
-        "memory_mb": _limit("memory limit in MiB", settings.max_memory_mb),
-        "cpus": _limit("CPU limit", settings.max_cpus),
+        "timeout_s": positive(settings.max_timeout_s, "wall-clock limit in seconds"),
+        "memory_mb": positive(settings.max_memory_mb, "memory limit in MiB"),
+        "cpus": positive(settings.max_cpus, "CPU limit"),
     }
     return {"required": True, "content": {"multipart/form-data": {
         "schema": form_object(props, ["bundle"]),
@@ -108,13 +103,12 @@ STATE_PUT = {"required": True, "content": {"application/json": {"schema": json_o
                "description": "started resumes a paused job"}}, ["state"])}}}
 WHOLE = blank_ok({"type": "integer", "minimum": 0, "maximum": MAX_WHOLE})
 #: Headers are text: a whole number, or blank (not given).
-WHOLE_TEXT = {"type": "string", "pattern": "^[0-9]{0,18}$"}
+WHOLE_TEXT = {"type": "string", "pattern": f"^[0-9]{{0,{MAX_DIGITS}}}$"}
 OFFSET = {"name": "offset", "in": "query", "description": "byte offset to start from "
           "(default 0, or the Last-Event-ID header)", "schema": WHOLE}
 FOLLOW = {"name": "follow", "in": "query", "description": "`1`, `true` or `yes`: follow "
           "live as server-sent events (as does `Accept: text/event-stream`); any other "
           "value: the text now", "schema": TEXT}
-
 
 
 def sse_event(names: list[str | None], data: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from typing import Any
 
 from labq.backend.openapi_parts import (
     GROUP_ID,
-    INT64_MAX,
     JOB_ID,
     MAYBE_STRING,
     MAYBE_TIME,
@@ -19,6 +18,7 @@ from labq.backend.openapi_parts import (
     errors,
     json_answer,
     nullable,
+    positive,
     ref,
 )
 from labq.backend.openapi_paths import LOCATION, ZIP_ANSWER
@@ -102,9 +102,6 @@ ENV_NAME = {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "not": {
 
 
 def rerun_body(settings: Settings) -> dict[str, Any]:
-    def limit(maximum: int) -> dict[str, Any]:
-        return {"type": "integer", "minimum": 1, "maximum": maximum or INT64_MAX}
-
     return {"required": False, "content": {"application/json": {"schema": {
         "type": "object", "additionalProperties": False,
         "description": "what to change (anything else: 400); values are checked like "
@@ -116,10 +113,10 @@ def rerun_body(settings: Settings) -> dict[str, Any]:
                     "additionalProperties": SCALAR,
                     "description": "LABQ_*, PATH, HOME, VIRTUAL_ENV, PYTHONHOME, "
                                    "PYTHONPATH and LD_* are reserved"},
-            "timeout_s": limit(settings.max_timeout_s),
-            "memory_mb": limit(settings.max_memory_mb),
-            "cpus": limit(settings.max_cpus),
-            "max_output_mb": limit(settings.max_output_bytes // MIB)}}}}}
+            "timeout_s": positive(settings.max_timeout_s),
+            "memory_mb": positive(settings.max_memory_mb),
+            "cpus": positive(settings.max_cpus),
+            "max_output_mb": positive(settings.max_output_bytes // MIB)}}}}}
 
 
 def extend(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
