@@ -7,6 +7,8 @@ that may see it: an event stream of a user gets that user's jobs, an admin's eve
 (or one ``?owner=``'s), a log stream its one job. No stream queries anything to learn
 what happened.
 
+Each item carries its SSE frame, rendered once for every stream that gets it, and a
+log's new bytes are read once for every stream following it (backend/logwatch.py).
 Publishing never blocks and costs one append per matching stream. Each stream's inbox
 is bounded: a stream that falls behind (a client that stopped reading) loses status
 ticks, which are transient, and is marked ``lagged`` for lifecycle events, which it then
@@ -15,6 +17,7 @@ reads back from the database itself, once, from where it was.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -25,6 +28,18 @@ from typing import Any
 INBOX_SIZE = 512
 
 Item = tuple[str, Any]
+
+
+def frame(data: str, event: str | None = None, event_id: int | str | None = None) -> str:
+    """One SSE message; multi-line data becomes several ``data:`` lines."""
+    lines = []
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    if event:
+        lines.append(f"event: {event}")
+    text = data.replace("\r\n", "\n").replace("\r", "\n")
+    lines.extend(f"data: {line}" for line in text.split("\n"))
+    return "\n".join(lines) + "\n\n"
 
 
 class Subscriber:
@@ -131,6 +146,7 @@ class Hub:
         with self._lock:
             for row in rows:
                 self.position = max(self.position, row["id"])
+                row["frame"] = frame(row["data"], event="lifecycle", event_id=row["id"])
                 item = ("lifecycle", row)
                 for sub in self._targets(row["owner"], row["job_id"]):
                     sub.put(item)
@@ -141,15 +157,17 @@ class Hub:
         if not isinstance(job_id, str):
             return
         owner = self._owner_of(job_id)
+        item = ("status", frame(json.dumps(payload), event="status"))
         with self._lock:
             for sub in self._targets(owner, None):
-                sub.put(("status", payload))
+                sub.put(item)
 
-    def publish_job(self, job_id: str, kind: str) -> None:
-        """News for the streams of one job: ``log`` (it grew) or ``ended``."""
+    def publish_job(self, job_id: str, kind: str, payload: Any = None) -> None:
+        """News for the streams of one job: ``log`` (it grew; ``payload`` the new bytes
+        and where they start, when read) or ``ended``."""
         with self._lock:
             for sub in self._by_job.get(job_id, ()):
-                sub.put((kind, job_id))
+                sub.put((kind, payload))
 
     def _targets(self, owner: str | None, job_id: str | None) -> Iterator[Subscriber]:
         yield from self._everyone

@@ -14,24 +14,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from labq.backend.feed import BATCH, latest_event_id, read_events
+from labq.backend.hub import frame
 from labq.backend.services import Services
 from labq.shared.lifecycle import is_terminal
 
 KEEPALIVE_S = 15.0
 READ_CHUNK = 64 * 1024
 HELLO = "retry: 3000\n: connected\n\n"
-
-
-def frame(data: str, event: str | None = None, event_id: int | str | None = None) -> str:
-    """One SSE message; multi-line data becomes several ``data:`` lines."""
-    lines = []
-    if event_id is not None:
-        lines.append(f"id: {event_id}")
-    if event:
-        lines.append(f"event: {event}")
-    text = data.replace("\r\n", "\n").replace("\r", "\n")
-    lines.extend(f"data: {line}" for line in text.split("\n"))
-    return "\n".join(lines) + "\n\n"
 
 
 def _backlog(svc: Services, after: int, upto: int, owner: str | None) -> Iterator[dict[str, Any]]:
@@ -74,10 +63,9 @@ def event_stream(svc: Services, after: int | None, owner: str | None = None,
             chunks = []
             for kind, payload in items:
                 if kind == "status":
-                    chunks.append(frame(json.dumps(payload), event="status"))
+                    chunks.append(payload)  # the frame, ready
                 elif kind == "lifecycle" and payload["id"] > floor:
-                    chunks.append(frame(payload["data"], event="lifecycle",
-                                        event_id=payload["id"]))
+                    chunks.append(payload["frame"])
             if chunks:
                 yield "".join(chunks)
 
@@ -96,6 +84,26 @@ def _ended(items: list[tuple[str, Any]]) -> bool:
                for kind, payload in items)
 
 
+def _read_all(svc: Services, job_id: str, offset: int) -> Iterator[bytes]:
+    """The log from ``offset`` to its end now, a chunk at a time."""
+    while data := _read(svc, job_id, offset):
+        offset += len(data)
+        yield data
+
+
+def _shared_bytes(items: list[tuple[str, Any]], position: int) -> bytes:
+    """What the log watcher read for every follower, when it continues exactly where
+    this stream is; b"" (read the file instead) when anything does not fit."""
+    data = b""
+    for kind, payload in items:
+        if kind != "log":
+            continue
+        if payload is None or payload[0] != position + len(data):
+            return b""
+        data += payload[1]
+    return data
+
+
 def log_stream(svc: Services, job_id: str, offset: int, link: Any = None) -> Iterator[str]:
     """Follow a job's log from byte ``offset``; ``event: end`` once it ended and all is sent.
 
@@ -109,9 +117,12 @@ def log_stream(svc: Services, job_id: str, offset: int, link: Any = None) -> Ite
         # Subscribed first, then the state: an end after this read is in the inbox.
         ended = is_terminal(svc.registry.get(job_id)["state"])
         yield HELLO
+        shared: bytes = b""  # bytes the log watcher read for every follower
         while not sub.closed and not svc.stop.is_set():
-            # Whatever the worker wrote before its final event is on disk by now.
-            while data := _read(svc, job_id, position):
+            # The watcher's read when it starts here; else (and at the end: whatever the
+            # worker wrote before its final event is on disk by now) the file itself.
+            chunks = [shared] if shared and not ended else _read_all(svc, job_id, position)
+            for data in chunks:
                 position += len(data)
                 if text := decoder.decode(data):
                     yield frame(text, event_id=position)
@@ -124,3 +135,4 @@ def log_stream(svc: Services, job_id: str, offset: int, link: Any = None) -> Ite
             if not items and not sub.closed:
                 yield ": keep-alive\n\n"
             ended = _ended(items)
+            shared = _shared_bytes(items, position)
