@@ -28,6 +28,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.ggevent import GeventWorker
 
-from labq.backend.streamboard import StreamBoard
+from labq.backend.streamboard import StreamBoard, process_count
 from labq.shared.hardening import protect_process
 from labq.shared.logs import setup_logging
 from labq.shared.settings import Settings
@@ -49,11 +50,19 @@ GRACEFUL_TIMEOUT_S = 10
 SPARE_FILES = 256
 #: Connections kept for everything that is not a stream, on top of LABQ_MAX_STREAMS.
 API_CONNECTIONS = 1000
-#: Processes when LABQ_BACKEND_PROCESSES is 0: one per core, up to this many.
-MAX_DEFAULT_PROCESSES = 4
+#: Bytes a connection may have on its way out at once (the kernel allows twice this).
+SEND_BUFFER = 256 * 1024
 
 
 class LabqGeventWorker(GeventWorker):
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        # A response that does not fit the socket's send buffer waits for a second turn,
+        # behind every other ready request: a job list page (40 KB) then took a whole
+        # round of 200 busy clients longer. One send buffer holds any page.
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        super().handle(listener, client, addr)
+
     def patch(self) -> None:
         # The CLI imported requests (and so ssl) before gunicorn forked this worker; no
         # SSL object exists yet, so patching now is safe, and the warning only noise.
@@ -119,10 +128,6 @@ def connections(settings: Settings) -> int:
     return settings.max_streams + API_CONNECTIONS
 
 
-def processes(settings: Settings) -> int:
-    if settings.backend_processes > 0:
-        return settings.backend_processes
-    return max(1, min(MAX_DEFAULT_PROCESSES, os.cpu_count() or 1))
 
 
 @contextlib.contextmanager
@@ -157,7 +162,7 @@ class BackendServer(BaseApplication):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Made before gunicorn forks, so every process shares it.
-        self.board = StreamBoard(processes(settings))
+        self.board = StreamBoard(process_count(settings))
         super().__init__()
 
     def _post_fork(self, _server: Any, _worker: Any) -> None:
@@ -167,7 +172,7 @@ class BackendServer(BaseApplication):
         s = self.settings
         options = {
             "bind": f"{s.host}:{s.port}",
-            "workers": processes(s),
+            "workers": process_count(s),
             "worker_class": LabqGeventWorker,
             "worker_connections": connections(s),
             "timeout": 60,

@@ -24,6 +24,7 @@ from labq.backend.leader import Leader, lock_path
 from labq.backend.logwatch import LogWatcher
 from labq.backend.notify import Notifier
 from labq.backend.registry import Registry
+from labq.backend.streamboard import pool_sizes
 from labq.backend.streams import StreamSlots
 from labq.producer.outbox import OutboxRelay
 from labq.producer.publisher import Publisher
@@ -55,7 +56,7 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         storage = Storage.from_settings(settings).ensure()
-        engine = make_engine(settings)
+        engine = make_engine(settings, **pool_sizes(settings))
         owners = Owners(engine)
         return cls(settings=settings, engine=engine, storage=storage,
                    registry=Registry(engine, storage, settings),

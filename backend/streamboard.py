@@ -1,4 +1,5 @@
-"""The open streams of every process of one ``labq backend``, counted in shared memory.
+"""How many processes one ``labq backend`` runs, and their open streams, counted in
+shared memory.
 
 Kept apart from backend/streams.py (Flask) because the board is made in gunicorn's
 master process, before it forks the workers and before gevent patches them, where as
@@ -10,6 +11,26 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+
+from labq.shared.settings import Settings
+
+#: Processes when LABQ_BACKEND_PROCESSES is 0: one per core, up to this many.
+MAX_DEFAULT_PROCESSES = 4
+#: Database connections all the processes of a backend open at most, together (under
+#: PostgreSQL's default max_connections of 100, with room for the CLI and the tools).
+DATABASE_CONNECTIONS = 60
+
+
+def process_count(settings: Settings) -> int:
+    if settings.backend_processes > 0:
+        return settings.backend_processes
+    return max(1, min(MAX_DEFAULT_PROCESSES, os.cpu_count() or 1))
+
+
+def pool_sizes(settings: Settings) -> dict[str, int]:
+    """``make_engine`` pool sizes for one process: its share of the connections."""
+    share = max(4, DATABASE_CONNECTIONS // process_count(settings))
+    return {"pool_size": share // 2, "max_overflow": share - share // 2}
 
 
 class StreamBoard:

@@ -86,6 +86,7 @@ jobs = Table(
     Index("ix_jobs_state_created", "state", "created_at", "id"),
     Index("ix_jobs_owner_state_created", "owner", "state", "created_at", "id"),
     Index("ix_jobs_outcome_created", "outcome", "created_at", "id"),
+    Index("ix_jobs_outcome_run", "outcome", "run_s", "id"),
     Index("ix_jobs_run", "run_s", "id"),
     Index("ix_jobs_stopped", "stopped_at"),
     # Idempotency keys are per user: one user's key never returns another user's job.
@@ -143,14 +144,17 @@ login_failures = Table(
 )
 
 
-def make_engine(settings: Settings) -> Engine:
+def make_engine(settings: Settings, pool_size: int = 20, max_overflow: int = 40) -> Engine:
+    """The engine, migrated to the newest schema. ``pool_size`` + ``max_overflow`` is
+    the most connections it opens (a backend of several processes shares PostgreSQL's
+    ``max_connections`` between them)."""
     url = settings.resolved_database_url
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=20,
-            max_overflow=40,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
         )
 
         @event.listens_for(engine, "connect")
@@ -163,7 +167,8 @@ def make_engine(settings: Settings) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
     else:
-        engine = create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
+        engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow,
+                               pool_pre_ping=True)
     # The schema is Alembic's (shared/migrations); create_all would skip the history.
     from labq.shared import migrations
 

@@ -18,6 +18,7 @@ NEW = (
     ("ix_jobs_state_created", ["state", "created_at", "id"]),
     ("ix_jobs_owner_state_created", ["owner", "state", "created_at", "id"]),
     ("ix_jobs_outcome_created", ["outcome", "created_at", "id"]),
+    ("ix_jobs_outcome_run", ["outcome", "run_s", "id"]),
     ("ix_jobs_run", ["run_s", "id"]),
     ("ix_jobs_stopped", ["stopped_at"]),
 )
