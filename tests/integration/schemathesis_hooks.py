@@ -9,7 +9,9 @@ really is valid:
 * a ``cursor`` is opaque (only one the server gave out is valid): valid listings get a
   real one of the right kind (a place in creation order, or in duration order; the test
   passes both in LABQ_ST_CURSORS);
-* the run must not revoke the tokens it runs with (LABQ_ST_KEEP_TOKENS, their ids).
+* the run must not revoke the tokens it runs with (LABQ_ST_KEEP_TOKENS, their ids);
+* a webhook must never leave the machine: every valid upload's ``notify_url`` points at
+  the test's receiver on loopback (LABQ_ST_WEBHOOK).
 
 Schema-violating (negative) cases are left exactly as generated.
 """
@@ -74,6 +76,9 @@ def _fix_upload(case: Any) -> None:
         if isinstance(body.get("entrypoint"), str) and body["entrypoint"].strip():
             body["entrypoint"] = ""  # unplaceable: let the bundle's code.py run
         script = "code.py"
+    notify = body.get("notify_url")
+    if isinstance(notify, str) and notify.strip():
+        body["notify_url"] = os.environ["LABQ_ST_WEBHOOK"]
     # A sweep now and then (decided by the generated fields, so runs repeat exactly).
     digest = hashlib.sha256(json.dumps(sorted(
         (k, str(v)) for k, v in body.items() if k != "bundle")).encode()).digest()

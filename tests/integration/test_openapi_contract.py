@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LabqSystem
+from helpers import LabqSystem, Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -28,10 +28,11 @@ HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 MAX_EXAMPLES = 12
 RUN_TIMEOUT_S = 150
-#: Few jobs per user (429 beyond), small limits; nothing ever runs.
+#: Few jobs per user (429 beyond), small limits; nothing ever runs. Webhooks may go to
+#: the loopback receiver the hooks point every notify_url at.
 ENV = {"LABQ_MAX_QUEUED_PER_USER": "40", "LABQ_MAX_UPLOAD_BYTES": str(1024 * 1024),
        "LABQ_MAX_TIMEOUT_S": "3600", "LABQ_MAX_MEMORY_MB": "2048", "LABQ_MAX_CPUS": "4",
-       "LABQ_MAX_GROUP_SIZE": "4"}
+       "LABQ_MAX_GROUP_SIZE": "4", "LABQ_WEBHOOK_ALLOW_PRIVATE": "1"}
 #: Streams never end by themselves: read one or two events, or for 1-2 s at most.
 CONFIG = """
 [[operations]]
@@ -60,6 +61,16 @@ def labq(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Labq
 
 
 @pytest.fixture(scope="module")
+def webhook() -> Iterator[str]:
+    receiver = Receiver([])
+    try:
+        # A name, as the document's notify_url pattern asks (an IP literal is checked apart).
+        yield receiver.url.replace("127.0.0.1", "localhost")
+    finally:
+        receiver.close()
+
+
+@pytest.fixture(scope="module")
 def cursors(labq: LabqSystem) -> dict[str, str]:
     """Real cursors of both kinds (creation and duration order), for valid listings."""
     for n in range(3):
@@ -79,7 +90,7 @@ def _token_id(system: LabqSystem, token: str) -> int:
 
 
 def _run(system: LabqSystem, tmp: Path, auth: list[str], keep: list[int],
-         cursors: dict[str, str]) -> subprocess.CompletedProcess[str]:
+         cursors: dict[str, str], webhook: str) -> subprocess.CompletedProcess[str]:
     if not SCHEMATHESIS.exists():
         message = f"{SCHEMATHESIS} is missing: pip install -e '.[dev]' (make test does)"
         if os.environ.get("CI"):
@@ -94,7 +105,7 @@ def _run(system: LabqSystem, tmp: Path, auth: list[str], keep: list[int],
            "--request-timeout", "20", *auth]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS),
            "LABQ_ST_CURSORS": json.dumps(cursors),
-           "LABQ_ST_KEEP_TOKENS": ",".join(map(str, keep))}
+           "LABQ_ST_KEEP_TOKENS": ",".join(map(str, keep)), "LABQ_ST_WEBHOOK": webhook}
     return subprocess.run(cmd, cwd=tmp, env=env, text=True, capture_output=True,
                           timeout=RUN_TIMEOUT_S)
 
@@ -116,19 +127,19 @@ def _verdict(done: subprocess.CompletedProcess[str], system: LabqSystem) -> None
 
 
 def test_schemathesis_as_two_researchers(labq: LabqSystem, cursors: dict[str, str],
-                                         tmp_path: Path) -> None:
+                                         webhook: str, tmp_path: Path) -> None:
     alice, bob = labq.add_user("alice"), labq.add_user("bob")
     wfc = tmp_path / "auth.json"
     wfc.write_text(json.dumps({"auth": [
         {"name": name, "fixedHeaders": [{"name": "Authorization", "value": f"Bearer {t}"}]}
         for name, t in (("alice", alice), ("bob", bob))]}))
     done = _run(labq, tmp_path, ["--auth-wfc", str(wfc)],
-                [_token_id(labq, alice), _token_id(labq, bob)], cursors)
+                [_token_id(labq, alice), _token_id(labq, bob)], cursors, webhook)
     _verdict(done, labq)
 
 
 def test_schemathesis_as_an_admin(labq: LabqSystem, cursors: dict[str, str],
-                                  tmp_path: Path) -> None:
+                                  webhook: str, tmp_path: Path) -> None:
     done = _run(labq, tmp_path, ["-H", f"Authorization: Bearer {labq.token}"],
-                [_token_id(labq, labq.token)], cursors)
+                [_token_id(labq, labq.token)], cursors, webhook)
     _verdict(done, labq)
