@@ -90,14 +90,15 @@ def _token_id(system: LabqSystem, token: str) -> int:
 
 
 def _run(system: LabqSystem, tmp: Path, auth: list[str], keep: list[int],
-         cursors: dict[str, str], webhook: str) -> subprocess.CompletedProcess[str]:
+         cursors: dict[str, str], webhook: str, config_extra: str = ""
+         ) -> subprocess.CompletedProcess[str]:
     if not SCHEMATHESIS.exists():
         message = f"{SCHEMATHESIS} is missing: pip install -e '.[dev]' (make test does)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     config = tmp / "schemathesis.toml"
-    config.write_text(CONFIG)
+    config.write_text(CONFIG + config_extra)
     cmd = [str(SCHEMATHESIS), "--config-file", str(config), "run",
            system.api("/api/v1/openapi.json"), "--checks", "all",
            "--max-examples", str(MAX_EXAMPLES), "--generation-deterministic",
@@ -133,8 +134,10 @@ def test_schemathesis_as_two_researchers(labq: LabqSystem, cursors: dict[str, st
     wfc.write_text(json.dumps({"auth": [
         {"name": name, "fixedHeaders": [{"name": "Authorization", "value": f"Bearer {t}"}]}
         for name, t in (("alice", alice), ("bob", bob))]}))
-    done = _run(labq, tmp_path, ["--auth-wfc", str(wfc)],
-                [_token_id(labq, alice), _token_id(labq, bob)], cursors, webhook)
+    # Peers: schemathesis replays each one's reads of their objects as the other.
+    peers = f'\n[auth.wfc]\npath = "{wfc}"\npeers = ["alice", "bob"]\n'
+    done = _run(labq, tmp_path, [], [_token_id(labq, alice), _token_id(labq, bob)],
+                cursors, webhook, peers)
     _verdict(done, labq)
 
 
