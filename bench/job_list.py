@@ -26,7 +26,7 @@ from collections import defaultdict
 
 from apiload import Client, Sample, run_clients
 from figures import Targets, summary_ms
-from lab import add_user, database, raise_open_files
+from lab import add_user, backend_env, database, raise_open_files
 from seed import seed
 from stack import Stack, load_note, percentile
 
@@ -142,7 +142,7 @@ def main() -> int:
           f"{'PostgreSQL' if args.database else 'SQLite'}, {load_note()}")
     print("before (issue 10): 1,000 concurrent GETs of the job list: p50 9.7 s, p99 19.7 s")
     with database(args.database) as env, Stack(
-            "list", env={**env, "LABQ_RECONCILE_INTERVAL_S": "3600"}) as stack:
+            "list", env={**backend_env(), **env, "LABQ_RECONCILE_INTERVAL_S": "3600"}) as stack:
         counts = store_history(stack, args.jobs)
         stack.start_backend()
         run(args, stack, counts, targets)

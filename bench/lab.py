@@ -7,6 +7,7 @@ the end), and room for a thousand open connections in the benchmark's process.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import subprocess
 import sys
@@ -16,6 +17,13 @@ from collections.abc import Iterator
 from stack import Stack
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def backend_env() -> dict[str, str]:
+    """``LABQ_BACKEND_*`` of this environment, for the run's labq (``Stack`` passes on no
+    ``LABQ_*`` of its own): ``LABQ_BACKEND_PROCESSES=1`` compares one process with
+    several."""
+    return {k: v for k, v in os.environ.items() if k.startswith("LABQ_BACKEND_")}
 
 
 def raise_open_files(wanted: int) -> int:

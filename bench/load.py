@@ -19,7 +19,6 @@ Each job is trivial: it writes ``output/ok.txt`` and prints one line.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 import requests
 from figures import Targets, summary_ms, tree_rss_kib
+from lab import backend_env
 from stack import Stack, bundle, load_note, percentile, time_budget
 
 P99_MS = 250.0
@@ -196,7 +196,7 @@ def main() -> int:
           f"workers, {load_note()}")
     print("before (issue 10): 1,000 submissions from 20 clients: p50 310 ms, p99 834 ms")
     time_budget(args.timeout + 300)
-    with Stack("load", env={k: v for k, v in os.environ.items() if k.startswith("LABQ_BACKEND")}) as stack:
+    with Stack("load", env=backend_env()) as stack:
         stack.start_backend()
         stack.start_workers(args.workers)
         run(args, stack, targets)

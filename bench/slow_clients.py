@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from figures import Targets, summary_ms, tree_rss_kib
-from lab import raise_open_files
+from lab import backend_env, raise_open_files
 from probe import Probe, latencies
 from stack import Stack, bundle, load_note, percentile
 
@@ -230,7 +230,7 @@ def main() -> int:
         limit = path.stat().st_size + MIB
         env = {"LABQ_MAX_UPLOAD_BYTES": str(limit),
                "LABQ_MAX_UNPACKED_BYTES": str(limit * 2)}
-        with Stack("slow", env=env) as stack:
+        with Stack("slow", env={**backend_env(), **env}) as stack:
             stack.start_backend()
             run(args, stack, path, targets)
     return targets.exit_code()

@@ -32,7 +32,7 @@ import time
 
 import requests
 from figures import Targets, summary_ms
-from lab import add_user, raise_open_files
+from lab import add_user, backend_env, raise_open_files
 from probe import Probe, latencies
 from sseload import Stream, open_all
 from stack import Stack, bundle, load_note, percentile
@@ -219,7 +219,8 @@ def main() -> int:
     print("before (issue 10, gthread with 64 threads): 64 open streams made /healthz time "
           "out; with 1,000, GET /api/v1/jobs/{id} and /healthz took > 5 s")
     # The cap is the benchmark's stream count plus the Stack's own event stream.
-    with Stack("streams", env={"LABQ_MAX_STREAMS": str(args.streams + 1)}) as stack:
+    with Stack("streams", env={**backend_env(),
+                                "LABQ_MAX_STREAMS": str(args.streams + 1)}) as stack:
         stack.start_backend()
         stack.start_workers(len(USERS))
         tokens = {"admin": stack.token, **{u: add_user(stack, u) for u in USERS}}
