@@ -8,7 +8,12 @@ One cgroup per run, made under the worker's own cgroup, for either layout:
 * **v1**: one folder per controller (``memory``, ``pids``, ``cpu``) with
   ``memory.limit_in_bytes`` + ``memory.memsw.limit_in_bytes``, ``pids.max``,
   ``cpu.cfs_quota_us``; ``memory.oom_control`` counts OOM kills; no kill file, so every
-  pid in ``cgroup.procs`` gets SIGKILL until none is left.
+  pid in ``cgroup.procs`` gets SIGKILL until none is left; ``cpuacct`` (where mounted)
+  only counts CPU time.
+
+Both count what the run used, to the end and whatever exited meanwhile: CPU time
+(``cpu.stat`` ``usage_usec``, v1 ``cpuacct.usage``) and the memory high-water mark
+(``memory.peak``, v1 ``memory.max_usage_in_bytes``).
 
 The job's launcher writes its own pid into every ``cgroup.procs`` before it drops to
 the job's uid and execs, so the job cannot start a single process outside it. The
@@ -32,7 +37,7 @@ from labq.shared.settings import MIB
 log = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
-V1_CONTROLLERS = ("memory", "pids", "cpu")
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
 
 
@@ -99,10 +104,7 @@ class JobCgroup:
             unified = root if (root / "cgroup.controllers").exists() else root / "unified"
             dirs = {"": unified / paths.get("", "/").lstrip("/") / name}
         else:
-            # No cpu cgroup without a CPU limit: one folder (and one join) less per run.
-            wanted = V1_CONTROLLERS if cpus else tuple(c for c in V1_CONTROLLERS if c != "cpu")
-            dirs = {c: root / c / paths.get(c, "/").lstrip("/") / name for c in wanted
-                    if (root / c).is_dir()}
+            dirs = _v1_dirs(root, paths, name, cpus)
         group = cls(layout, dirs, memory_mb * MIB if memory_mb else 0)
         for folder in dirs.values():
             folder.mkdir(exist_ok=True)
@@ -176,6 +178,24 @@ class JobCgroup:
     def out_of_memory(self) -> bool:
         return self.oom_kills() > self._oom_before
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) of every process that ran in the group, those that
+        exited included; None where this host does not count it."""
+        try:
+            if self.layout == "v2":
+                for line in (self.dirs[""] / "cpu.stat").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "usage_usec":
+                        return int(value) / 1e6
+                return None
+            for controller in ("cpuacct", "cpu"):  # cpuacct may share cpu's folder
+                folder = self.dirs.get(controller)
+                if folder is not None and (folder / "cpuacct.usage").exists():
+                    return int((folder / "cpuacct.usage").read_text()) / 1e9
+        except (OSError, ValueError):
+            return None
+        return None
+
     def peak_bytes(self) -> int | None:
         name = "memory.peak" if self.layout == "v2" else "memory.max_usage_in_bytes"
         try:
@@ -214,6 +234,23 @@ class JobCgroup:
             else:
                 gone = False
         return gone
+
+
+def _v1_dirs(root: Path, paths: dict[str, str], name: str, cpus: int) -> dict[str, Path]:
+    """The run's folder in each v1 hierarchy it needs: memory and pids; cpu only with a
+    CPU limit (one folder and one join less per run); cpuacct to count CPU time, unless
+    it is mounted together with a cpu folder made anyway (``cpu,cpuacct``)."""
+    dirs: dict[str, Path] = {}
+    mounts: set[Path] = set()
+    for controller in V1_CONTROLLERS:
+        if (controller == "cpu" and not cpus) or not (root / controller).is_dir():
+            continue
+        mount = (root / controller).resolve()
+        if controller == "cpuacct" and mount in mounts:
+            continue
+        mounts.add(mount)
+        dirs[controller] = root / controller / paths.get(controller, "/").lstrip("/") / name
+    return dirs
 
 
 def _pauses(rounds: int) -> list[float]:

@@ -5,7 +5,8 @@ The layers (README, "What a job can reach"):
 * **uid** — each job runs as its own uid from the pool (needs root, to switch uid);
 * **bwrap** — bubblewrap namespaces (pid, ipc, uts, mount, user): the job sees only
   its own folder, its environment and read-only system folders;
-* **network isolation** — a network namespace with nothing but its own loopback;
+* **network isolation** — a network namespace with nothing but its own loopback:
+  bwrap's, or where bwrap fails, one the root launcher makes before the uid switch;
 * **slirp4netns** — a route out without the host's loopback, for network jobs and for
   builds that run a package's code while reaching the package index;
 * **cgroup** — v2 or v1 limits on memory, processes and CPU, and a kill that misses
@@ -101,6 +102,23 @@ def _bwrap_works(bwrap: str, uid: int | None) -> tuple[bool, bool, str]:
     return True, True, ""
 
 
+def _empty_network_works() -> tuple[bool, str]:
+    """(the launcher can give a job an empty network namespace, why not): tried for real,
+    as a job's launcher does it."""
+    from labq.process_unit.sandbox import LAUNCHER
+
+    argv = [sys.executable, "-I", "-S", str(LAUNCHER), "--no-network", "1", "--",
+            shutil.which("true") or "/bin/true"]
+    try:
+        ran = subprocess.run(argv, capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"the launcher did not run: {exc}"
+    if ran.returncode != 0:
+        why = ran.stderr.decode(errors="replace").strip() or f"exit {ran.returncode}"
+        return False, f"no network namespace for jobs without bwrap ({why})"
+    return True, ""
+
+
 def system_links() -> list[str]:
     """bwrap arguments recreating /bin, /sbin, /lib* as on the host (merged /usr: links)."""
     args: list[str] = []
@@ -134,8 +152,12 @@ def probe(settings: Settings) -> Layers:
         bwrap_ok, net_ok, why = _bwrap_works(bwrap, uids[0] if root else None)
         if not bwrap_ok:
             missing.append(f"bwrap: {why}")
-    if not net_ok:
-        missing.append("network isolation: needs bwrap")
+    if not net_ok and root:
+        net_ok, why = _empty_network_works()
+        if not net_ok:
+            missing.append(f"network isolation: {why}")
+    elif not net_ok:
+        missing.append("network isolation: needs bwrap or a root worker")
     slirp = slirp_binary() is not None
     if not slirp:
         missing.append("slirp4netns: not installed (apt-get install slirp4netns), so no "

@@ -48,6 +48,8 @@ class JobBox:
     memory_limit_mb: int = 0
     #: A network-enabled run's route out (None: the job has no network at all).
     network: JobNetwork | None = None
+    #: Bytes the job may print to its log in this run (0: no cap).
+    output_limit: int = 0
     closed: bool = field(default=False, repr=False)
 
     def started(self) -> None:
@@ -82,6 +84,14 @@ class JobBox:
 
     def out_of_memory(self) -> bool:
         return self.cgroup is not None and self.cgroup.out_of_memory()
+
+    def cpu_seconds(self) -> float | None:
+        """The run's CPU time to the end, as its cgroup counted it (None: no count)."""
+        return self.cgroup.cpu_seconds() if self.cgroup is not None else None
+
+    def peak_bytes(self) -> int | None:
+        """The run's memory high-water mark, as its cgroup counted it (None: none)."""
+        return self.cgroup.peak_bytes() if self.cgroup is not None else None
 
     def close(self) -> None:
         if self.closed:
@@ -177,7 +187,7 @@ class HostSandbox:
         """The rlimits backstop of one run."""
         rlimits = [("CORE", 0), ("NOFILE", self.settings.job_max_open_files)]
         if max_output_bytes:
-            rlimits.append(("FSIZE", max(max_output_bytes, 64 * MIB)))
+            rlimits.append(("FSIZE", output_cap(max_output_bytes)))
         if own_uid:  # NPROC counts per uid: only meaningful with our own
             rlimits.append(("NPROC", self.settings.job_max_procs))
         if not memory_cgroup and memory_mb:
@@ -218,11 +228,21 @@ class HostSandbox:
                         net_fds=net.child_fds() if net else None, resolv_conf=resolv,
                         tmp_mb=settings.job_tmp_mb,
                         cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
-                        rlimits=rlimits)
+                        rlimits=rlimits,
+                        # Without bwrap, a root launcher gives the job an empty network
+                        # namespace of its own (isolation.py, "network isolation").
+                        empty_network=self.layers.network_isolation and not self.bwrap)
         except BaseException:
             JobBox(Jail(uid=None, bwrap=None), lease, cgroup, memory_mb, net).close()
             raise
-        return JobBox(jail, lease, cgroup, memory_mb, net)
+        return JobBox(jail, lease, cgroup, memory_mb, net,
+                      output_limit=output_cap(max_output_bytes))
+
+
+def output_cap(max_output_bytes: int) -> int:
+    """The most one run may print to its log, and the largest file it may write (FSIZE):
+    its output cap, 64 MiB at least (0: no cap)."""
+    return max(max_output_bytes, 64 * MIB) if max_output_bytes else 0
 
 
 def write_report(data_dir: Path, worker: str, report: dict) -> Path:

@@ -1,8 +1,10 @@
 """Tiny launcher between the worker and the job's interpreter.
 
 Run as ``<worker python> -I -S launch.py --parent PID [--cpus 0,1] [--cgroup FILE]...
-[--rlimit NAME=N]... [--uid UID] -- PROGRAM ARGS...``. In this order it joins the job's
-cgroups (while still root), sets its resource limits, drops every privilege to the
+[--rlimit NAME=N]... [--no-network 1] [--uid UID] -- PROGRAM ARGS...``. In this order it
+joins the job's cgroups (while still root), sets its resource limits, enters an empty
+network namespace of its own (``--no-network``: for a job without bwrap, which would
+otherwise share the host's network, loopback included), drops every privilege to the
 job's uid (groups, gid, uid), asks the kernel to SIGKILL it when its parent dies
 (``PR_SET_PDEATHSIG``, armed after the uid change, which would clear it), pins itself to
 the given CPUs, then ``execve``'s the program (bwrap, or the job's interpreter), which
@@ -42,7 +44,7 @@ EXIT_SETUP = 71
 
 def _options(argv: list[str]) -> dict | None:
     opts: dict = {"parent": 0, "cpus": set(), "cgroups": [], "rlimits": [], "uid": None,
-                  "netns": None}
+                  "netns": None, "no_network": False}
     args = list(argv)
     while args and args[0] != "--":
         flag = args.pop(0)
@@ -60,6 +62,8 @@ def _options(argv: list[str]) -> dict | None:
             opts["rlimits"].append((RLIMITS[name], int(number)))
         elif flag == "--uid":
             opts["uid"] = int(value)
+        elif flag == "--no-network":
+            opts["no_network"] = value == "1"
         elif flag == "--netns":
             ready, block = value.split(",")
             opts["netns"] = (int(ready), int(block))
@@ -80,6 +84,8 @@ def _box(opts: dict) -> None:
             handle.write(str(os.getpid()))
     for which, value in opts["rlimits"]:
         resource.setrlimit(which, (value, value))
+    if opts["no_network"]:
+        _empty_network()
     uid = opts["uid"]
     if uid is not None:
         os.setgroups([])
@@ -92,6 +98,32 @@ def _box(opts: dict) -> None:
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def _loopback_up() -> None:
+    """Bring up ``lo`` of our network namespace (the job's own loopback, for servers
+    it starts for itself). ``_socket`` and ``fcntl`` are C modules: no enum, no ms."""
+    import _socket
+    import fcntl
+
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        ifreq = b"lo".ljust(16, b"\0") + bytes(24)  # struct ifreq: name, then flags
+        flags = int.from_bytes(fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, ifreq)[16:18],
+                               sys.byteorder)
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, ifreq[:16]
+                    + (flags | IFF_UP).to_bytes(2, sys.byteorder) + bytes(22))
+    finally:
+        sock.close()
+
+
+def _empty_network() -> None:
+    """As root: a new network namespace with nothing but its loopback (no route, no
+    device), so the job reaches neither the host's loopback services nor anything else."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(net) failed")
+    _loopback_up()
 
 
 def _load_network_modules() -> None:

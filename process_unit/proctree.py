@@ -122,17 +122,22 @@ def rss_bytes(pids: list[int] | dict[int, Proc]) -> int:
     return total
 
 
-def reap_zombies(skip: set[int] | frozenset[int] = frozenset()) -> None:
-    """Collect zombie children of this process (orphans re-parented to the subreaper).
+def reap_zombies(skip: set[int] | frozenset[int] = frozenset()) -> float:
+    """Collect zombie children of this process (orphans re-parented to the subreaper);
+    returns the CPU seconds they and their reaped descendants used.
 
     ``skip`` holds pids a ``subprocess.Popen`` still owns: reaping those behind its
     back would hide their exit status.
     """
     me = os.getpid()
+    cpu = 0.0
     for proc in all_procs().values():
         if proc.ppid == me and proc.state == "Z" and proc.pid not in skip:
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(proc.pid, os.WNOHANG)
+                pid, _, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    cpu += usage.ru_utime + usage.ru_stime
+    return cpu
 
 
 def own_start_time() -> int:

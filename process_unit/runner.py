@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from labq.process_unit import proctree, sandbox
 from labq.process_unit.cgroups import run_name
@@ -32,6 +32,7 @@ from labq.process_unit.envlock import (
     write_environment,
 )
 from labq.process_unit.jobbox import HostSandbox, JobBox
+from labq.process_unit.joblog import JobLog
 from labq.process_unit.results import store_results
 from labq.process_unit.supervisor import Exit, Supervisor, classify, new_token
 from labq.process_unit.usage import Usage, cpu_seconds, write_usage
@@ -62,6 +63,7 @@ class Verdict(StrEnum):
     SHUTDOWN = "shutdown"  #: the worker is stopping: the job goes back on the queue
     TIMEOUT = "timeout"  #: its running time reached timeout_s
     MEMORY = "memory"  #: it used more than memory_mb
+    OUTPUT = "output"  #: it printed more than its output cap
 
 
 def prepare_output(project: Path) -> None:
@@ -75,17 +77,17 @@ def prepare_output(project: Path) -> None:
 
 
 def _requirements(run: _Run, project: Path, workspace: Path,
-                  log_file: BinaryIO) -> Path | None:
+                  joblog: JobLog) -> Path | None:
     """requirements.txt, or for a rerun the lock of the job it re-runs."""
     if run.job.lock_of:
         recorded = read_environment(run.storage, run.job.lock_of)
         if recorded is None:  # it never got an environment (e.g. its install failed)
-            _note(log_file, f"job {run.job.lock_of} left no environment lock; "
+            joblog.note(f"job {run.job.lock_of} left no environment lock; "
                             "installing requirements.txt")
             requirements = project / REQUIREMENTS
             return requirements if requirements.is_file() else None
         packages = recorded.get("packages") or []
-        _note(log_file, f"using the exact packages of job {run.job.lock_of}")
+        joblog.note(f"using the exact packages of job {run.job.lock_of}")
         if not packages:
             return None
         lock = workspace / RERUN_LOCK
@@ -97,11 +99,6 @@ def _requirements(run: _Run, project: Path, workspace: Path,
 
 def header(attempt: int, worker: str) -> str:
     return f"=== labq: attempt {attempt} on {worker} ===\n"
-
-
-def _note(log_file: BinaryIO, text: str) -> None:
-    log_file.write(f"labq: {text}\n".encode())
-    log_file.flush()
 
 
 class _Run:
@@ -129,6 +126,7 @@ class _Run:
         self.environment: dict[str, Any] | None = None
         self.sandbox: HostSandbox | None = None
         self.box: JobBox | None = None
+        self.sup: Supervisor | None = None
 
     def set_state(self, state: State, **fields: Any) -> None:
         self.state = state
@@ -185,27 +183,28 @@ def run_job(job: JobMessage, settings: Settings, emit: Emit, control: Control, *
     log_path = storage.log_path(job.job_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     workspace = settings.resolved_work_dir / f"{job.job_id}-{attempt}"
-    with open(log_path, "ab") as log_file:
-        log_file.write(header(attempt, worker).encode())
-        log_file.flush()
+    with JobLog.open(log_path) as joblog:
+        joblog.line(header(attempt, worker))
         try:
-            return _run(run, job, settings, storage, envs, workspace, log_file)
+            return _run(run, job, settings, storage, envs, workspace, joblog)
         except LabqError as exc:
             # A platform error: the researcher's script never got to run (or labq broke).
             # uv's own output is already in the log just above: name the failure once.
             first, _, rest = exc.message.partition("\n")
-            _note(log_file, f"failed: {first}" + (" (details above)" if rest else ""))
+            joblog.note(f"failed: {first}" + (" (details above)" if rest else ""))
             log.warning("job %s failed: %s", job.job_id, exc.message)
             return run.finish(State.FAILED, Outcome.FAILED, error=exc.message)
         finally:
             control.set_status(None)
             if run.box is not None:
                 run.box.close()  # nothing of the job survives, its uid goes back
+            if run.sup is not None:
+                run.sup.close_output()  # nothing holds its pipe now: the copier ends
             shutil.rmtree(workspace, ignore_errors=True)
 
 
 def _run(run: _Run, job: JobMessage, settings: Settings, storage: Storage, envs: EnvCache,
-         workspace: Path, log_file: BinaryIO) -> RunResult:
+         workspace: Path, joblog: JobLog) -> RunResult:
     control = run.control
     # Orphans of an earlier attempt whose worker died must be gone before this one runs
     # (a first attempt has none: no process of a job starts before its attempt is noted).
@@ -219,28 +218,28 @@ def _run(run: _Run, job: JobMessage, settings: Settings, storage: Storage, envs:
         extract_bundle(bundle, project, BundleLimits.from_settings(settings))
     prepare_output(project)
     if control.stop_requested:
-        _note(log_file, "stopped by the user before it ran")
+        joblog.note("stopped by the user before it ran")
         return run.finish(State.STOPPED, Outcome.CANCELLED)
     if control.shutdown_requested:
         run.set_state(State.QUEUED)
         return RunResult.QUEUED
-    requirements = _requirements(run, project, workspace, log_file)
+    requirements = _requirements(run, project, workspace, joblog)
     try:
-        return _run_in_env(run, job, envs, requirements, project, workspace, log_file)
+        return _run_in_env(run, job, envs, requirements, project, workspace, joblog)
     except BuildStoppedError:
-        _note(log_file, "stopped by the user while its environment was being built")
+        joblog.note("stopped by the user while its environment was being built")
         return run.finish(State.STOPPED, Outcome.CANCELLED)
 
 
 def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path | None,
-                project: Path, workspace: Path, log_file: BinaryIO) -> RunResult:
+                project: Path, workspace: Path, joblog: JobLog) -> RunResult:
     storage, control = run.storage, run.control
-    with envs.acquire(requirements, log_file,
+    with envs.acquire(requirements, joblog,
                       cancelled=lambda: control.stop_requested) as env_dir:
         run.environment = record_environment(storage, job.job_id, env_dir)
         run.set_state(State.INITIALIZED, env_s=round(time.monotonic() - run.taken_at, 3))
         if control.stop_requested:
-            _note(log_file, "stopped by the user before it ran")
+            joblog.note("stopped by the user before it ran")
             return run.finish(State.STOPPED, Outcome.CANCELLED)
         for folder in ("home", "tmp"):
             (workspace / folder).mkdir(exist_ok=True)
@@ -255,29 +254,41 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
             job_id=job.job_id,
             attempt=run.attempt, token=new_token(), cpus=job.spec.cpus, jail=box.jail,
         )
-        sup = Supervisor(command, log_file.fileno(), finder=box.processes)
+        run.sup = sup = Supervisor(command, joblog, finder=box.processes,
+                                   output_limit=box.output_limit)
         run.usage = Usage()
-        sup.start(on_exit=run.control.interrupt)
+        sup.start(on_exit=run.control.interrupt, on_output_limit=run.control.interrupt)
         if job.spec.memory_mb and _kernel_limits_memory(box):
             run.sample_every = CGROUP_SAMPLE_S
         run.next_sample = sup.started_at + min(POLL_S, run.sample_every)
         box.started()
         run.set_state(State.STARTED)
         try:
-            verdict = _supervise(run, sup, log_file)
+            verdict = _supervise(run, sup, joblog)
         finally:
             _end_tree(sup, box)
             run.publish_status(None)
-    sup.wait()
+    sup.wait()  # its output is in the log now
+    cpu_s, peak = _final_usage(sup, box)
+    run.usage.finish(cpu_s, peak)
     if verdict == Verdict.EXITED and box.out_of_memory():
         verdict = Verdict.MEMORY
-        peak = box.cgroup.peak_bytes() if box.cgroup else None
-        if peak:
+        if peak:  # it reached its limit, perhaps between two samples: that is its peak
             run.memory_mb = round(peak / MIB)
-            # It reached its limit, perhaps between two samples: that is its peak.
-            run.usage.peak_rss_mb = max(run.usage.peak_rss_mb, float(run.memory_mb))
-    run.usage.finish()
-    return _conclude(run, sup, verdict, project, log_file)
+    if verdict == Verdict.EXITED and sup.output_over_limit:
+        verdict = Verdict.OUTPUT  # it printed too much, and ended before it was stopped
+    return _conclude(run, sup, verdict, project, joblog)
+
+
+def _final_usage(sup: Supervisor, box: JobBox) -> tuple[float | None, int | None]:
+    """The run's CPU seconds and memory high-water mark, measured once all of it is gone:
+    the cgroup's counts; without them the CPU time of what the worker reaped (the main
+    process with its reaped descendants, and the orphans, bwrap's init among them)."""
+    cpu_s = box.cpu_seconds()
+    if cpu_s is None:
+        sup.reap_orphans()
+        cpu_s = sup.reaped_cpu_s
+    return cpu_s, box.peak_bytes()
 
 
 def _kernel_limits_memory(box: JobBox) -> bool:
@@ -301,11 +312,10 @@ def _end_tree(sup: Supervisor, box: JobBox) -> None:
     if box.jail.bwrap is None:
         # Orphans re-parented to us (the subreaper) are zombies until reaped; inside
         # bwrap they belong to the job's own pid namespace instead.
-        proctree.reap_zombies(skip={sup.pid} if sup.popen and sup.popen.returncode is None
-                              else set())
+        sup.reap_orphans()
 
 
-def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict:
+def _supervise(run: _Run, sup: Supervisor, joblog: JobLog) -> Verdict:
     """Drive the run until it ends; return why: exited, stop, shutdown, timeout, memory.
 
     It sleeps in the mailbox between samples: a request wakes it, and so does the end of
@@ -314,13 +324,13 @@ def _supervise(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict:
     while True:
         if sup.poll() is not None:
             return Verdict.EXITED
-        verdict = _check_limits(run, sup, log_file)
+        verdict = _check_limits(run, sup, joblog)
         if verdict is not None:
             return verdict
         run.publish_status(sup)
         action = run.control.take(timeout=_wait_s(run, sup))
         if action is not None:
-            verdict = _on_request(run, sup, action, log_file)
+            verdict = _on_request(run, sup, action, joblog)
             if verdict is not None:
                 return verdict
 
@@ -333,13 +343,17 @@ def _wait_s(run: _Run, sup: Supervisor) -> float:
     return max(0.0, min(wait, POLL_S))
 
 
-def _check_limits(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict | None:
-    """The time limit, and (every ``run.sample_every``) a memory sample against the
-    memory limit."""
+def _check_limits(run: _Run, sup: Supervisor, joblog: JobLog) -> Verdict | None:
+    """The output cap, the time limit, and (every ``run.sample_every``) a memory sample
+    against the memory limit."""
     spec = run.job.spec
+    if sup.output_over_limit:
+        joblog.note(f"{_too_much_output(sup)}; stopping the job")
+        sup.kill(run.settings.stop_grace_s)
+        return Verdict.OUTPUT
     # Running time only: a paused job is not charged (as Slurm does for suspended jobs).
     if spec.timeout_s and run.elapsed(sup) >= spec.timeout_s:
-        _note(log_file, f"time limit of {spec.timeout_s} s reached; stopping the job")
+        joblog.note(f"time limit of {spec.timeout_s} s reached; stopping the job")
         sup.kill(run.settings.stop_grace_s)
         return Verdict.TIMEOUT
     now = time.monotonic()
@@ -358,7 +372,7 @@ def _check_limits(run: _Run, sup: Supervisor, log_file: BinaryIO) -> Verdict | N
     return None
 
 
-def _on_request(run: _Run, sup: Supervisor, action: Action, log_file: BinaryIO
+def _on_request(run: _Run, sup: Supervisor, action: Action, joblog: JobLog
                 ) -> Verdict | None:
     """Apply a pause, resume, stop or shutdown request; a verdict when the run ends."""
     if action in (Action.STOP, Action.SHUTDOWN) and sup.poll() is not None:
@@ -376,18 +390,18 @@ def _on_request(run: _Run, sup: Supervisor, action: Action, log_file: BinaryIO
         run.paused_since = None
         run.set_state(State.STARTED)
     elif action == Action.STOP:
-        _note(log_file, "stopped by the user")
+        joblog.note("stopped by the user")
         sup.kill(run.settings.stop_grace_s)
         return Verdict.STOP
     elif action == Action.SHUTDOWN:
-        _note(log_file, "the worker is shutting down; the job goes back on the queue")
+        joblog.note("the worker is shutting down; the job goes back on the queue")
         sup.kill(run.settings.stop_grace_s)
         return Verdict.SHUTDOWN
     return None
 
 
 def _conclude(run: _Run, sup: Supervisor, verdict: Verdict, project: Path,
-              log_file: BinaryIO) -> RunResult:
+              joblog: JobLog) -> RunResult:
     returncode = sup.wait()
     exit_info = classify(returncode, shell_convention=bool(run.box and run.box.jail.bwrap))
     if verdict == Verdict.SHUTDOWN:
@@ -396,19 +410,26 @@ def _conclude(run: _Run, sup: Supervisor, verdict: Verdict, project: Path,
     if verdict != Verdict.STOP and run.state == State.STARTED:
         run.set_state(State.COMPLETED, exit_code=exit_info.exit_code)
     outcome, error = _verdict_outcome(run.job, verdict, exit_info, run.memory_mb)
+    if verdict == Verdict.OUTPUT:
+        error = _too_much_output(sup)
     if error:
-        _note(log_file, error)
+        joblog.note(error)
     try:
         size = store_results(run.storage, run.job.job_id, project / OUTPUT_DIR,
                              run.job.spec.max_output_bytes, scratch=project.parent)
-        _note(log_file, f"stored {size} bytes of output/")
+        joblog.note(f"stored {size} bytes of output/")
     except BundleTooLargeError as exc:
-        _note(log_file, f"results not stored: {exc.message}")
+        joblog.note(f"results not stored: {exc.message}")
         if outcome == Outcome.SUCCEEDED:
             outcome = Outcome.ERROR
         error = error or exc.message
-    _note(log_file, f"outcome {outcome} (exit code {exit_info.exit_code})")
+    joblog.note(f"outcome {outcome} (exit code {exit_info.exit_code})")
     return run.finish(State.STOPPED, outcome, exit_code=exit_info.exit_code, error=error)
+
+
+def _too_much_output(sup: Supervisor) -> str:
+    return (f"the job printed more than {sup.output_limit // MIB} MB to its log (its "
+            "output cap: max_output_mb, 64 MB at least)")
 
 
 def _verdict_outcome(job: JobMessage, verdict: Verdict, exit_info: Exit,
@@ -422,6 +443,8 @@ def _verdict_outcome(job: JobMessage, verdict: Verdict, exit_info: Exit,
                                f"used {memory_mb or 0:.0f} MB at its peak")
     if verdict == Verdict.STOP:
         return Outcome.CANCELLED, None
+    if verdict == Verdict.OUTPUT:
+        return Outcome.ERROR, "the job printed more than its output cap"
     if exit_info.signal_text:
         return Outcome.ERROR, f"the job was {exit_info.signal_text}"
     if not exit_info.ok:

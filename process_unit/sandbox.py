@@ -50,6 +50,9 @@ class Jail:
     cgroup_procs: tuple[Path, ...] = ()
     #: Resource limits the launcher sets: (name, value), e.g. ("NOFILE", 4096).
     rlimits: tuple[tuple[str, int], ...] = ()
+    #: The launcher (still root) gives the job an empty network namespace: where bwrap
+    #: cannot, so the job never shares the host's loopback.
+    empty_network: bool = False
 
 
 def bwrap_argv(bwrap: str, *, workspace: Path, project: Path, env_dir: Path, tmp_mb: int,
@@ -138,6 +141,8 @@ def build_command(
         launch += ["--cgroup", str(path)]
     for name, value in jail.rlimits:
         launch += ["--rlimit", f"{name}={value}"]
+    if jail.empty_network and not jail.bwrap and not jail.net_fds:
+        launch += ["--no-network", "1"]
     if jail.uid is not None:
         launch += ["--uid", str(jail.uid)]
     if jail.net_fds:

@@ -1,9 +1,11 @@
 """Run one job's command as a supervised subprocess and control its whole tree.
 
-The job runs in a new session with stdout and stderr appended straight to the job
-log (the worker never copies output). :class:`Supervisor` can freeze (SIGSTOP) and
-thaw (SIGCONT) every process of the run, stop it (SIGTERM, then SIGKILL after a
-grace), and measure its memory. Exit statuses are classified by :func:`classify`.
+The job runs in a new session; its stdout and stderr are a pipe that a worker thread
+copies into the job log (:mod:`labq.process_unit.joblog`: the job holds no descriptor
+of the log itself). :class:`Supervisor` can freeze (SIGSTOP) and thaw (SIGCONT) every
+process of the run, stop it (SIGTERM, then SIGKILL after a grace), and measure its
+memory; its exit thread reaps the main process with its resource usage. Exit statuses
+are classified by :func:`classify`.
 
 ``exit_code`` for a job killed by a signal is ``-signum`` (the convention of
 ``subprocess.Popen.returncode``), so ``exit_code == -9`` means SIGKILL.
@@ -23,12 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from labq.process_unit import proctree
+from labq.process_unit.joblog import JobLog, OutputCopier
 from labq.process_unit.sandbox import TOKEN_VAR, Command
 
 log = logging.getLogger(__name__)
 
 #: How often :meth:`Supervisor.poll` collects zombie orphans (it reads all of /proc).
 REAP_EVERY_S = 1.0
+#: How long :meth:`Supervisor.wait` waits for the job's output to end after its main
+#: process did (the box is killed by then: only a process outside it holds the pipe).
+OUTPUT_END_S = 2.0
 
 
 def new_token() -> str:
@@ -70,37 +76,55 @@ class Supervisor:
     signal (PR_SET_PDEATHSIG) fires when the *thread* that forked it exits.
     """
 
-    def __init__(self, command: Command, log_fd: int, token: str | None = None,
-                 finder: Callable[[], dict[int, proctree.Proc] | None] | None = None) -> None:
+    def __init__(self, command: Command, log: JobLog | int, token: str | None = None,
+                 finder: Callable[[], dict[int, proctree.Proc] | None] | None = None,
+                 output_limit: int = 0) -> None:
         self.command = command
         #: The sandbox's view of the run's processes (its uid and cgroup), which no
         #: setsid, double fork or empty environment escapes; else the tree walk.
         self.finder = finder
-        self.log_fd = log_fd
+        self.log = log if isinstance(log, JobLog) else JobLog(log, owned=False)
+        #: Bytes the job may print in this run (0: no cap).
+        self.output_limit = output_limit
+        self.output: OutputCopier | None = None
         self.token = token or command.env.get(TOKEN_VAR) or new_token()
         self.popen: subprocess.Popen[bytes] | None = None
         self.paused = False
         self.started_at = 0.0
         #: Set the moment the main process has exited (and been reaped).
         self.exited = threading.Event()
+        self.returncode: int | None = None
+        #: CPU seconds of the processes this run reaped: the main process with its own
+        #: reaped descendants (wait4), and orphans collected by :meth:`reap_orphans`.
+        self.reaped_cpu_s = 0.0
         self._next_reap = 0.0
         self._pidfd: int | None = None
+        #: Held from the main process's exit until it is reaped, and by kill_main.
+        self._reap_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------
-    def start(self, on_exit: Callable[[], None] | None = None) -> None:
+    def start(self, on_exit: Callable[[], None] | None = None,
+              on_output_limit: Callable[[], None] | None = None) -> None:
         """Start the command; ``on_exit`` is called (from another thread) the moment its
-        main process ends, so the caller need not poll for it."""
-        self.popen = subprocess.Popen(
-            self.command.argv,
-            cwd=self.command.cwd,
-            env=self.command.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log_fd,
-            stderr=self.log_fd,
-            start_new_session=True,  # its own session: terminal signals never reach it
-            close_fds=True,
-            pass_fds=self.command.pass_fds,
-        )
+        main process ends, so the caller need not poll for it; ``on_output_limit`` once
+        the job printed more than ``output_limit`` bytes."""
+        self.output = OutputCopier(self.log, self.output_limit, on_output_limit)
+        try:
+            self.popen = subprocess.Popen(
+                self.command.argv,
+                cwd=self.command.cwd,
+                env=self.command.env,
+                stdin=subprocess.DEVNULL,
+                stdout=self.output.write_fd,
+                stderr=self.output.write_fd,
+                start_new_session=True,  # its own session: terminal signals never reach it
+                close_fds=True,
+                pass_fds=self.command.pass_fds,
+            )
+        except BaseException:
+            self.output.finish(0)
+            raise
+        self.output.start()
         self.started_at = time.monotonic()
         self._next_reap = self.started_at + REAP_EVERY_S
         # Opened before the exit thread can reap it, so it names this process for sure.
@@ -114,11 +138,17 @@ class Supervisor:
 
     def _wait_exit(self, popen: subprocess.Popen[bytes], on_exit: Callable[[], None] | None
                    ) -> None:
-        # Blocks in waitpid() (reaping the main process and keeping its status in the
-        # Popen): the end of a job is noticed at once. It forks nothing, so the death
-        # signal of the job (tied to the thread that forked it) is unaffected.
-        popen.wait()
-        self.exited.set()
+        # Blocks in waitid() until the main process ends, then reaps it with wait4() for
+        # its resource usage: the end of a job is noticed at once. Nothing else reaps it
+        # (poll and the zombie sweeps skip it until then), and kill_main takes the lock,
+        # so it never signals a pid that was reaped and reused. It forks nothing, so the
+        # death signal of the job (tied to the thread that forked it) is unaffected.
+        os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT)
+        with self._reap_lock:
+            _, status, usage = os.wait4(popen.pid, 0)
+            self.reaped_cpu_s += usage.ru_utime + usage.ru_stime
+            self.returncode = popen.returncode = os.waitstatus_to_exitcode(status)
+            self.exited.set()
         if on_exit is not None:
             on_exit()
 
@@ -130,30 +160,42 @@ class Supervisor:
         """The main process's return code once it exited, else None (reaps strays too,
         every REAP_EVERY_S: each reap reads all of /proc)."""
         assert self.popen is not None
-        code = self.popen.poll()
+        code = self.returncode
         now = time.monotonic()
         if now >= self._next_reap:
             self._next_reap = now + REAP_EVERY_S
-            proctree.reap_zombies(skip={self.pid} if code is None else set())
+            self.reap_orphans()
         return code
+
+    def reap_orphans(self) -> None:
+        """Collect zombie orphans re-parented to the worker (the subreaper), counting
+        their CPU time; never the main process before the exit thread reaped it."""
+        skip = set() if self.exited.is_set() else {self.pid}
+        self.reaped_cpu_s += proctree.reap_zombies(skip=skip)
+
+    @property
+    def output_over_limit(self) -> bool:
+        return self.output is not None and self.output.over_limit
 
     def kill_main(self) -> None:
         """SIGKILL the main process if it still runs (through its pidfd: never another
         process that got its pid after it was reaped)."""
-        if self.exited.is_set() or self.popen is None:
+        if self.popen is None:
             return
-        with contextlib.suppress(ProcessLookupError):
+        with self._reap_lock, contextlib.suppress(ProcessLookupError):
+            if self.exited.is_set():
+                return
             if self._pidfd is not None:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            else:
-                self.popen.kill()  # Popen signals only a child it has not reaped
+            else:  # not reaped yet (the lock): the pid is still this process's
+                os.kill(self.popen.pid, signal.SIGKILL)
 
     def processes(self) -> dict[int, proctree.Proc]:
         if self.finder is not None:
             found = self.finder()
             if found is not None:
                 return found
-        root = self.pid if self.popen and self.popen.returncode is None else None
+        root = self.pid if self.popen and not self.exited.is_set() else None
         return proctree.tree(root, TOKEN_VAR, self.token)
 
     def memory_bytes(self) -> int:
@@ -185,8 +227,6 @@ class Supervisor:
             proctree.signal_all(procs, signal.SIGCONT)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
-            if self.popen is not None:
-                self.popen.poll()
             if not self.processes():
                 break
             time.sleep(0.05)
@@ -200,22 +240,27 @@ class Supervisor:
                 break
             proctree.signal_all(procs, signal.SIGKILL)
             time.sleep(0.02)
-            if self.popen is not None:
-                self.popen.poll()
         else:
             log.error("could not kill every process of run %s", self.token)
         self.paused = False
-        if self.popen is not None:
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                log.error("job process %d did not exit after SIGKILL", self.pid)
-        proctree.reap_zombies()
+        if self.popen is not None and not self.exited.wait(timeout=5):
+            log.error("job process %d did not exit after SIGKILL", self.pid)
+        self.reap_orphans()
 
     def wait(self) -> int:
+        """The main process's return code, once it ended and the job's output is in the
+        log (every holder of the pipe gone, or OUTPUT_END_S later)."""
         assert self.popen is not None
-        code = self.popen.wait()
+        self.exited.wait()
+        self.close_output()
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
-        return code
+        assert self.returncode is not None
+        return self.returncode
+
+    def close_output(self, timeout_s: float = OUTPUT_END_S) -> None:
+        """Stop copying the job's output (waiting ``timeout_s`` for its end first)."""
+        if self.output is not None and not self.output.finish(timeout_s):
+            log.warning("a process outside run %s still held its output after %.0f s; "
+                        "the rest of its output is not logged", self.token, timeout_s)

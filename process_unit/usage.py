@@ -2,16 +2,19 @@
 
 :class:`Usage` keeps the peak resident memory and a bounded list of samples
 ``(seconds into the run, rss MB, cpu seconds)`` for the job page's chart; the worker
-stores them beside the outcome (``usage.json``). CPU seconds come from ``/proc/<pid>/stat``
-(user + system, plus reaped children's) of the live tree; at the end the kernel's
-``RUSAGE_CHILDREN`` difference adds what processes that already exited used — the worker
-runs one job at a time and reaps every orphan of it, so that difference is the job's.
+stores them beside the outcome (``usage.json``). While it runs, CPU seconds come from
+``/proc/<pid>/stat`` (user + system, plus reaped children's) of the live tree. The final
+figures are measured once every process of the run is gone (:meth:`Usage.finish`): the
+run's cgroup counts CPU time and the memory high-water mark to the end, exits included;
+without one, CPU time is what ``wait4`` reported for the processes the worker reaped
+(the main process, with the descendants it reaped, and the orphans). They are never
+less than the last sample: samples come once a second at most, so the tail of a run
+would be lost without them.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 from collections.abc import Iterable
 
 from labq.shared.settings import MIB
@@ -37,11 +40,6 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / TICKS
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 class Usage:
     def __init__(self) -> None:
         self.peak_rss_mb = 0.0
@@ -49,7 +47,6 @@ class Usage:
         self.samples: list[list[float]] = []
         self._step = 1  # keep every _step-th sample once the list is full
         self._count = 0
-        self._children_base = _children_cpu()
 
     def sample(self, at_s: float, rss_bytes: int, cpu_s: float) -> None:
         rss_mb = round(rss_bytes / MIB, 1)
@@ -63,9 +60,12 @@ class Usage:
             self.samples = self.samples[::2]
             self._step *= 2
 
-    def finish(self) -> None:
-        """After the tree is gone and reaped: count processes that exited meanwhile."""
-        self.cpu_s = round(max(self.cpu_s, _children_cpu() - self._children_base), 2)
+    def finish(self, cpu_s: float | None, peak_bytes: int | None = None) -> None:
+        """After the tree is gone and reaped: the run's own totals (None: not known)."""
+        if cpu_s is not None:
+            self.cpu_s = round(max(self.cpu_s, cpu_s), 2)
+        if peak_bytes:
+            self.peak_rss_mb = max(self.peak_rss_mb, round(peak_bytes / MIB, 1))
 
     def to_dict(self) -> dict[str, object]:
         return {"peak_rss_mb": self.peak_rss_mb, "cpu_s": self.cpu_s,

@@ -139,6 +139,7 @@ class _EndsDuringWait:
     """A supervisor whose job exits while the runner waits for a control request."""
 
     started_at = time.monotonic()
+    output_over_limit = False
 
     def __init__(self) -> None:
         self.polls = 0
