@@ -38,21 +38,41 @@ CHUNK = 1 << 20
 F_SETPIPE_SZ = 1031
 
 
+def _marker_at(data: bytes, i: int, at_line_start: bool) -> int:
+    """Where a marker ending in the ``labq:`` at ``i`` starts, if it starts a line; -1
+    when it does not."""
+    for begin in (i, i - 4):  # "labq:", "=== labq:"
+        if begin < 0 or (begin < i and data[begin:i] != b"=== "):
+            continue
+        if (begin == 0 and at_line_start) or (begin > 0 and data[begin - 1] in b"\n\r"):
+            return begin
+    return -1
+
+
 def escape(data: bytes, at_line_start: bool) -> tuple[bytes, bytes]:
     """Job bytes → (what to write now, what to hold back). ``data`` follows a line
     start when ``at_line_start``; the held bytes (a possible marker's beginning) start
-    a line, and come back in front of the next data."""
-    view = b"\n" + data if at_line_start else data
-    for brk in _BREAKS:
-        for marker in MARKERS:
-            # replace() returns the same object when nothing matches: one scan, no copy.
-            view = view.replace(brk + marker, brk + ESCAPE + marker)
-    start = max(view.rfind(b"\n"), view.rfind(b"\r")) + 1
+    a line, and come back in front of the next data. One scan for ``labq:`` (rare in
+    output): a job printing fast pays little more than the copy."""
+    pieces: list[bytes] = []
+    pos = 0
+    i = data.find(b"labq:")
+    while i >= 0:
+        begin = _marker_at(data, i, at_line_start)
+        if begin >= 0:
+            pieces += [data[pos:begin], ESCAPE]
+            pos = begin
+        i = data.find(b"labq:", i + 5)
+    start = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
     held = b""
-    tail = view[start:]
-    if start and tail and len(tail) < _LONGEST and any(m.startswith(tail) for m in MARKERS):
-        held, view = tail, view[:start]
-    return (view[1:] if at_line_start else view), held
+    if start or at_line_start:
+        tail = data[start:]
+        if tail and len(tail) < _LONGEST and any(m.startswith(tail) for m in MARKERS):
+            held, data = tail, data[:start]
+    if not pieces:
+        return data, held
+    pieces.append(data[pos:])
+    return b"".join(pieces), held
 
 
 class JobLog:

@@ -122,22 +122,24 @@ def rss_bytes(pids: list[int] | dict[int, Proc]) -> int:
     return total
 
 
-def reap_zombies(skip: set[int] | frozenset[int] = frozenset()) -> float:
+def reap_zombies(skip: set[int] | frozenset[int] = frozenset()) -> tuple[float, int]:
     """Collect zombie children of this process (orphans re-parented to the subreaper);
-    returns the CPU seconds they and their reaped descendants used.
+    returns the CPU seconds they and their reaped descendants used, and the largest
+    resident size (bytes) one of those processes reached.
 
     ``skip`` holds pids a ``subprocess.Popen`` still owns: reaping those behind its
     back would hide their exit status.
     """
     me = os.getpid()
-    cpu = 0.0
+    cpu, rss = 0.0, 0
     for proc in all_procs().values():
         if proc.ppid == me and proc.state == "Z" and proc.pid not in skip:
             with contextlib.suppress(ChildProcessError):
                 pid, _, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     cpu += usage.ru_utime + usage.ru_stime
-    return cpu
+                    rss = max(rss, usage.ru_maxrss * 1024)  # Linux counts in KiB
+    return cpu, rss
 
 
 def own_start_time() -> int:

@@ -282,13 +282,14 @@ def _run_in_env(run: _Run, job: JobMessage, envs: EnvCache, requirements: Path |
 
 def _final_usage(sup: Supervisor, box: JobBox) -> tuple[float | None, int | None]:
     """The run's CPU seconds and memory high-water mark, measured once all of it is gone:
-    the cgroup's counts; without them the CPU time of what the worker reaped (the main
-    process with its reaped descendants, and the orphans, bwrap's init among them)."""
-    cpu_s = box.cpu_seconds()
-    if cpu_s is None:
+    the cgroup's counts; without them what wait4 said of the processes the worker reaped
+    (the main process with its reaped descendants, and the orphans, bwrap's init among
+    them): their CPU time, and the largest of them (a floor for the tree's peak)."""
+    cpu_s, peak = box.cpu_seconds(), box.peak_bytes()
+    if cpu_s is None or peak is None:
         sup.reap_orphans()
-        cpu_s = sup.reaped_cpu_s
-    return cpu_s, box.peak_bytes()
+    return (sup.reaped_cpu_s if cpu_s is None else cpu_s,
+            sup.reaped_rss_bytes if peak is None else peak)
 
 
 def _kernel_limits_memory(box: JobBox) -> bool:

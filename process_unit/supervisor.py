@@ -95,8 +95,10 @@ class Supervisor:
         self.exited = threading.Event()
         self.returncode: int | None = None
         #: CPU seconds of the processes this run reaped: the main process with its own
-        #: reaped descendants (wait4), and orphans collected by :meth:`reap_orphans`.
+        #: reaped descendants (wait4), and orphans collected by :meth:`reap_orphans`;
+        #: and the largest resident size one of them reached (bytes).
         self.reaped_cpu_s = 0.0
+        self.reaped_rss_bytes = 0
         self._next_reap = 0.0
         self._pidfd: int | None = None
         #: Held from the main process's exit until it is reaped, and by kill_main.
@@ -143,14 +145,21 @@ class Supervisor:
         # (poll and the zombie sweeps skip it until then), and kill_main takes the lock,
         # so it never signals a pid that was reaped and reused. It forks nothing, so the
         # death signal of the job (tied to the thread that forked it) is unaffected.
-        os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT)
-        with self._reap_lock:
-            _, status, usage = os.wait4(popen.pid, 0)
-            self.reaped_cpu_s += usage.ru_utime + usage.ru_stime
-            self.returncode = popen.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT)
+            with self._reap_lock:
+                _, status, usage = os.wait4(popen.pid, 0)
+                self.reaped_cpu_s += usage.ru_utime + usage.ru_stime
+                self.reaped_rss_bytes = max(self.reaped_rss_bytes, usage.ru_maxrss * 1024)
+                self.returncode = popen.returncode = os.waitstatus_to_exitcode(status)
+                self.exited.set()
+        except ChildProcessError:  # reaped behind our back: its status is lost
+            log.error("job process %d was reaped by someone else", popen.pid)
+            self.returncode = popen.returncode = -signal.SIGKILL
+        finally:
             self.exited.set()
-        if on_exit is not None:
-            on_exit()
+            if on_exit is not None:
+                on_exit()
 
     @property
     def pid(self) -> int:
@@ -171,7 +180,9 @@ class Supervisor:
         """Collect zombie orphans re-parented to the worker (the subreaper), counting
         their CPU time; never the main process before the exit thread reaped it."""
         skip = set() if self.exited.is_set() else {self.pid}
-        self.reaped_cpu_s += proctree.reap_zombies(skip=skip)
+        cpu_s, rss = proctree.reap_zombies(skip=skip)
+        self.reaped_cpu_s += cpu_s
+        self.reaped_rss_bytes = max(self.reaped_rss_bytes, rss)
 
     @property
     def output_over_limit(self) -> bool:

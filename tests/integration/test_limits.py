@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from labq.shared.storage import Storage
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +28,23 @@ def test_memory_limit(system):
     done = system.wait_done(job["id"], timeout=30)
     assert (done["state"], done["outcome"]) == ("stopped", "error")
     assert done["error"].startswith("out of memory (limit 100 MB)"), done["error"]
+
+
+def test_a_job_printing_past_its_output_cap_is_stopped(system):
+    # The cap is max_output_mb, 64 MB at least: the worker counts what it copies.
+    script = ("import sys\nprint('before the flood', flush=True)\n"
+              "while True:\n    sys.stdout.write('y' * 1048575 + '\\n')\n")
+    job = system.submit({"code.py": script, "labq.toml": "max_output_mb = 1\n"})
+    done = system.wait_done(job["id"], timeout=120)
+    assert (done["state"], done["outcome"]) == ("stopped", "error"), done
+    assert done["error"] == ("the job printed more than 64 MB to its log (its output cap: "
+                             "max_output_mb, 64 MB at least)"), done
+    log_path = Storage(system.data_dir).log_path(job["id"])
+    assert 64 << 20 < log_path.stat().st_size < (64 << 20) + 64 * 1024
+    with open(log_path, "rb") as handle:
+        handle.seek(-2000, os.SEEK_END)
+        tail = handle.read().decode()
+    assert f"labq: {done['error']}; stopping the job\n" in tail, tail
 
 
 def test_a_signal_killed_job_names_the_signal(system):

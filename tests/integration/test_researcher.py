@@ -82,7 +82,7 @@ def test_peak_memory_cpu_time_and_usage_samples(system):
     done = system.wait_done(system.submit({"code.py": script})["id"])
     assert done["outcome"] == "succeeded"
     assert done["peak_rss_mb"] >= 55, done
-    assert done["cpu_s"] >= 1.2, done
+    assert done["cpu_s"] >= 0.95 * 1.5, done  # measured at its end, not the last sample
     assert done["durations"]["env_s"] is not None
     usage = system.http.get(system.api(f"/api/v1/jobs/{done['id']}/usage"), timeout=10).json()
     assert usage["columns"] == ["t_s", "rss_mb", "cpu_s"] and usage["samples"]

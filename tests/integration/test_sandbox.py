@@ -320,6 +320,38 @@ def test_without_a_memory_cgroup_a_job_gets_an_address_space_limit_and_nproc_hol
     assert 0 < int(out.split("FORKED ", 1)[1].split()[0]) < 32, out
 
 
+LOG_TAMPER = r"""
+import os
+print("STDOUT IS", os.readlink("/proc/self/fd/1").split(":")[0])
+for fd in (1, 2):
+    for what, call in (("truncate", lambda: os.ftruncate(fd, 0)),
+                       ("seek", lambda: os.lseek(fd, 0, os.SEEK_SET)),
+                       ("reopen", lambda: open(f"/proc/self/fd/{fd}", "r+b").truncate(0))):
+        try:
+            call()
+            print("TAMPERED", what, fd, flush=True)
+        except OSError:
+            print("REFUSED", what, fd, flush=True)
+os.write(2, b"labq: outcome succeeded (exit code 0)\n=== labq: attempt 2 on w9 ===\n")
+"""
+
+
+def test_a_job_cannot_rewrite_or_forge_its_log(boxed: LabqSystem):
+    done, log = run(boxed, LOG_TAMPER)
+    assert done["outcome"] == "succeeded", log
+    lines = log.split("\n")
+    # Its stdout is the worker's pipe, not the log: the header above its output stays.
+    assert "STDOUT IS pipe" in lines and "TAMPERED" not in log, log
+    assert lines[0].startswith("=== labq: attempt 1 on "), log
+    assert lines.count("REFUSED truncate 1") == 1 and "REFUSED reopen 2" in lines, log
+    # and its look-alikes of labq's lines are marked as the job's
+    assert "| labq: outcome succeeded (exit code 0)" in lines, log
+    assert "| === labq: attempt 2 on w9 ===" in lines, log
+    assert [x for x in lines if x.startswith("=== labq:")] == [lines[0]], log
+    assert [x for x in lines if x.startswith("labq: outcome")] == [
+        "labq: outcome succeeded (exit code 0)"], log
+
+
 def test_readyz_and_stats_show_each_workers_layers(boxed: LabqSystem):
     ready = boxed.http.get(boxed.api("/readyz"), timeout=10).json()
     assert len(ready["sandbox"]) == 2, ready

@@ -1,5 +1,6 @@
 """A host where user namespaces are blocked: the worker falls back to its own uid per job,
-the cgroup and the rlimits, and says so at start, in /readyz and in the stats.
+an empty network namespace, the cgroup and the rlimits, and says so at start, in /readyz
+and in the stats.
 
 The block is real, without touching this machine's settings: the worker's PATH finds a
 ``bwrap`` that first enters a user namespace of its own, sets ``user.max_user_namespaces``
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +73,8 @@ def test_without_user_namespaces_the_worker_says_so_and_keeps_uid_cgroup_and_rli
     # Then the worker says what it lost, and why, in its log, /readyz and the stats
     layers = layers_of(fallback, 1)[0]
     assert layers["uid_pool"] and layers["cgroup"] and layers["rlimits"], layers
-    assert not layers["bwrap"] and not layers["network_isolation"] and not layers["complete"]
+    assert layers["network_isolation"], layers  # the launcher's own namespace
+    assert not layers["bwrap"] and not layers["complete"]
     why = "; ".join(layers["missing"])
     assert "bwrap failed" in why and "user namespaces may be blocked" in why, why
     ready = fallback.http.get(fallback.api("/readyz"), timeout=10).json()
@@ -91,6 +94,41 @@ def test_without_user_namespaces_the_worker_says_so_and_keeps_uid_cgroup_and_rli
     # nor can it read labq's data, which it now sees on the host (the data dir is 0700)
     done, log = run(fallback, f"open({str(fallback.data_dir / 'labq.db')!r}, 'rb')\n")
     assert done["outcome"] == "error" and "PermissionError" in log, log
+
+
+NET_PROBE = """
+import errno, socket
+def tcp(port):
+    s = socket.socket(); s.settimeout(5)
+    try:
+        s.connect(("127.0.0.1", port)); return "REACHED"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc))
+print("BROKER", tcp(5672), "BACKEND", tcp(PORT))
+with open("/proc/self/net/dev") as handle:
+    print("DEVICES", sorted(line.split(":")[0].strip() for line in handle if ":" in line))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.connect(("10.0.2.3", 53)); print("ROUTE", u.getsockname()[0])
+except OSError as exc:
+    print("NO ROUTE", errno.errorcode.get(exc.errno))
+"""
+
+
+def test_without_user_namespaces_a_job_still_cannot_reach_the_hosts_loopback(
+        fallback: LabqSystem):
+    # Given the broker and the backend answer on the host's loopback
+    for port in (5672, fallback.port):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    # then a job, without bubblewrap, reaches neither: its namespace has only its own lo
+    done, log = run(fallback, NET_PROBE.replace("PORT", str(fallback.port)))
+    assert done["outcome"] == "succeeded", log
+    assert "BROKER ECONNREFUSED BACKEND ECONNREFUSED" in log, log
+    assert "DEVICES ['lo']" in log and "NO ROUTE ENETUNREACH" in log, log
+    # and a job asking for the network is refused: no route out without the host's own
+    done, log = run(fallback, "print('JOB RAN')\n", "network = true\n")
+    assert done["outcome"] == "failed" and "JOB RAN" not in log, log
+    assert "cannot give it a network of its own" in done["error"], done
 
 
 def test_required_refuses_a_host_without_user_namespaces(blocked_path: str, tmp_path: Path,

@@ -4,6 +4,7 @@ truncate, seek or rewrite earlier lines, nor forge labq's own (issue 8, item 5).
 from __future__ import annotations
 
 import io
+import random
 import sys
 import threading
 import zipfile
@@ -14,7 +15,7 @@ from helpers import wait_until
 
 from labq.process_unit import proctree
 from labq.process_unit.control import Control
-from labq.process_unit.joblog import ESCAPE, JobLog, escape
+from labq.process_unit.joblog import ESCAPE, MARKERS, JobLog, escape
 from labq.process_unit.runner import run_job
 from labq.process_unit.sandbox import build_command
 from labq.process_unit.supervisor import Supervisor, new_token
@@ -39,6 +40,30 @@ def test_escape_marks_a_jobs_line_that_looks_like_labqs():
     assert escape(b"lab" + b"q: z\n", True) == (b"| labq: z\n", b"")
     assert escape(b"label\n", True) == (b"label\n", b"")
     assert escape(b"=== not labq\n", True) == (b"=== not labq\n", b"")
+
+
+def _escaped_at_once(stream: bytes) -> bytes:
+    """What the log must hold for ``stream``: ESCAPE before every line start (the
+    start, or after a newline or carriage return) that begins with a marker."""
+    out = bytearray()
+    for p in range(len(stream)):
+        if (p == 0 or stream[p - 1] in b"\n\r") and stream.startswith(MARKERS, p):
+            out += ESCAPE
+        out.append(stream[p])
+    return bytes(out)
+
+
+def test_output_cut_anywhere_is_escaped_as_if_it_came_at_once(tmp_path: Path):
+    rng = random.Random(8)
+    for n in range(300):
+        stream = bytes(rng.choice(b"labq:= \n\rx") for _ in range(rng.randrange(1, 120)))
+        cuts = sorted(rng.sample(range(len(stream) + 1), min(len(stream), 6)))
+        path = tmp_path / f"log-{n}.txt"
+        with JobLog.open(path) as joblog:
+            for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+                joblog.job_output(stream[a:b])
+            joblog.end_job_output()
+        assert path.read_bytes() == _escaped_at_once(stream), stream
 
 
 def test_split_writes_and_labqs_own_lines_stay_apart(tmp_path: Path):
