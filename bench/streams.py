@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from dataclasses import dataclass
 
 import requests
 from figures import Targets, summary_ms
@@ -181,9 +182,26 @@ async def measure(args: argparse.Namespace, stack: Stack, tokens: dict[str, str]
                           await probe_phase(Probe(host, port, ["/healthz"]), 1.0))
     print(f"   open streams back to {left} in {drained_s:.2f} s; "
           f"{changes} pause/resume requests answered meanwhile")
+    judge(Phases(base, loaded, after, extra, drained_s), streams, f"/api/v1/jobs/{probe_job}",
+          targets)
+    check_owners(streams, jobs, tokens, targets)
 
+
+@dataclass
+class Phases:
+    base: dict[str, list[float]]
+    loaded: dict[str, list[float]]
+    after: dict[str, list[float]]
+    extra: Stream
+    drained_s: float
+
+
+def judge(ph: Phases, streams: list[Stream], job_path: str, targets: Targets) -> None:
+    base, loaded, after, extra, drained_s = ph.base, ph.loaded, ph.after, ph.extra, \
+        ph.drained_s
+    opened = [s for s in streams if s.status == 200]
     print(f"\ntargets ({load_note()}):")
-    job_path, health = f"/api/v1/jobs/{probe_job}", "/healthz"
+    health = "/healthz"
     targets.require("every stream opened", len(opened) == len(streams),
                     f"{len(opened)} of {len(streams)}"
                     + (f"; first failure: {next(s for s in streams if s.status != 200).error}"
@@ -200,7 +218,6 @@ async def measure(args: argparse.Namespace, stack: Stack, tokens: dict[str, str]
                   unit="s")
     targets.check("/healthz p99 in the second after", percentile(after[health], 99) * 1000,
                   HEALTH_P99_MS)
-    check_owners(streams, jobs, tokens, targets)
 
 
 def main() -> int:
