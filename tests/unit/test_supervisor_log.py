@@ -183,3 +183,27 @@ def test_the_output_cap_stops_copying_and_says_so(tmp_path: Path):
         sup.kill(grace_s=1)
         sup.wait()
     assert path.stat().st_size == 1 << 20
+
+
+def test_the_copier_ends_when_told_although_a_process_still_holds_the_pipe(tmp_path: Path):
+    """Only a process outside the box could still hold the pipe once the box is closed:
+    the copier takes what is there and ends instead of waiting for it."""
+    import subprocess
+
+    from labq.process_unit.joblog import OutputCopier
+
+    path = tmp_path / "log.txt"
+    with JobLog.open(path) as joblog:
+        copier = OutputCopier(joblog)
+        holder = subprocess.Popen([sys.executable, "-c", "import os, time\n"
+                                   "os.write(1, b'still here\\n')\ntime.sleep(60)\n"],
+                                  stdout=copier.write_fd)
+        try:
+            copier.start()
+            wait_until(lambda: b"still here" in path.read_bytes(), timeout=20)
+            assert copier.finish(timeout_s=0.2) is False  # it gave up waiting for EOF
+            copier.finish(timeout_s=0.2)  # idempotent
+            assert copier.read_fd == -1 and not copier._thread.is_alive()
+        finally:
+            holder.kill()
+            holder.wait()
