@@ -8,7 +8,9 @@ reaches user code. With a :class:`Jail` the command is
     death signal) → bwrap (new user, pid, ipc, uts, mount and network namespaces) →
     the job's interpreter
 
-so bwrap is never run as root (root inside would keep its capabilities), and inside it
+so bwrap is never run as root (root inside would keep its capabilities). Where bwrap
+cannot run (user namespaces blocked), a root launcher still gives the job an empty
+network namespace (``Jail.empty_network``) before it drops to the job's uid. Inside bwrap
 the job sees its workspace (writable), its environment and the host's /usr and /etc
 (read-only), a private /tmp and /dev/shm of ``tmp_mb`` each, its own /proc — and
 nothing else: not the data dir, other jobs, the database or labq's settings.
