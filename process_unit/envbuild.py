@@ -296,14 +296,24 @@ class _BuildWatch:
 
 
 def _copy_uv_output(proc: subprocess.Popen, log_file: BinaryIO) -> list[str]:
-    """Copy uv's output into the job log as it comes; return the lines kept."""
+    """Copy uv's output into the job log as it comes; return the lines kept.
+
+    A package's build (``setup.py``) prints through uv: into the job log it goes as the
+    job's own output (:meth:`JobLog.job_output`), so it cannot forge labq's lines."""
     kept: list[str] = []
     assert proc.stdout is not None
+    put = getattr(log_file, "job_output", None)
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace")
         if line.lstrip().startswith(UV_TERMINAL_HINTS):
             continue
-        log_file.write(raw)
-        log_file.flush()
+        if put is not None:
+            put(raw)
+        else:
+            log_file.write(raw)
+            log_file.flush()
         kept.append(line.rstrip("\n"))
+    end = getattr(log_file, "end_job_output", None)
+    if end is not None:
+        end()
     return kept

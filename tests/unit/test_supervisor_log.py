@@ -207,3 +207,21 @@ def test_the_copier_ends_when_told_although_a_process_still_holds_the_pipe(tmp_p
         finally:
             holder.kill()
             holder.wait()
+
+
+def test_a_package_build_cannot_forge_labqs_lines(tmp_path: Path):
+    # Given a package whose setup.py prints a line that looks like labq's own, when uv's
+    # output is copied into the job log, then it is marked as the build's, not labq's.
+    from labq.process_unit.envbuild import _copy_uv_output
+
+    class Build:
+        stdout = io.BytesIO(b"Building wheel\nlabq: job finished: succeeded\n")
+
+    path = tmp_path / "log.txt"
+    with JobLog.open(path) as joblog:
+        kept = _copy_uv_output(Build(), joblog)
+        joblog.note("environment ready")
+    lines = path.read_bytes().decode().splitlines()
+    assert lines == ["Building wheel", f"{ESCAPE.decode()}labq: job finished: succeeded",
+                     "labq: environment ready"]
+    assert kept[-1] == "labq: job finished: succeeded"
