@@ -23,10 +23,13 @@ RUN apt-get update \
 
 # The dependencies first, in a layer of their own: a change to labq's code rebuilds only
 # the last step, not every wheel.
+# postgres: the database driver; s3: boto3, for bundles and results in a bucket
+# (LABQ_STORAGE=s3). A lab that needs neither can build with LABQ_EXTRAS=postgres.
+ARG LABQ_EXTRAS=postgres,s3
 COPY pyproject.toml /tmp/labq-deps/
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
- && python3 -c 'import tomllib; p = tomllib.load(open("/tmp/labq-deps/pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["postgres"]))' \
+ && python3 -c 'import tomllib; p = tomllib.load(open("/tmp/labq-deps/pyproject.toml", "rb"))["project"]; extras = "'"$LABQ_EXTRAS"'".split(","); print("\n".join(p["dependencies"] + [d for e in extras if e for d in p["optional-dependencies"][e]]))' \
       > /tmp/labq-deps/requirements.txt \
  && pip install -r /tmp/labq-deps/requirements.txt \
  && rm -rf /tmp/labq-deps
@@ -34,7 +37,7 @@ RUN --mount=type=secret,id=ca_bundle \
 COPY . /src
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
- && pip install '/src[postgres]' \
+ && pip install "/src[$LABQ_EXTRAS]" \
  && rm -rf /src \
  && python3 -c 'import labq.backend.server, labq.backend.app, labq.consumer.worker' \
  && labq --help >/dev/null \
