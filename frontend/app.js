@@ -650,6 +650,7 @@
 
     const outcomeSel = $("#filter-outcome");
     const sinceInput = $("#filter-since");
+    const untilInput = $("#filter-until");
     const sortSel = $("#filter-sort");
     for (const s of STATES) stateSel.append(el("option", { value: s, text: s }));
     for (const o of OUTCOMES) outcomeSel.append(el("option", { value: o, text: o }));
@@ -658,6 +659,7 @@
     nameInput.value = params.get("q") || params.get("name") || "";
     outcomeSel.value = params.get("outcome") || "";
     sinceInput.value = params.get("since") || "";
+    untilInput.value = params.get("until") || "";
     sortSel.value = params.get("sort") || "";
     const pageSize = Math.min(200, Math.max(1, parseInt(params.get("limit"), 10) || 25));
 
@@ -667,6 +669,7 @@
       if (nameInput.value.trim()) q.set("q", nameInput.value.trim());
       if (outcomeSel.value) q.set("outcome", outcomeSel.value);
       if (sinceInput.value) q.set("since", sinceInput.value);
+      if (untilInput.value) q.set("until", untilInput.value);  // jobs made before that day
       if (sortSel.value) q.set("sort", sortSel.value);
       q.set("limit", String(pageSize));
       if (cursor) q.set("cursor", cursor);
@@ -720,11 +723,13 @@
     }
 
     form.addEventListener("submit", (e) => { e.preventDefault(); reset(); });
-    for (const input of [stateSel, outcomeSel, sinceInput, sortSel]) {
+    for (const input of [stateSel, outcomeSel, sinceInput, untilInput, sortSel]) {
       input.addEventListener("change", reset);
     }
     $("#filter-clear").addEventListener("click", () => {
-      for (const input of [stateSel, nameInput, outcomeSel, sinceInput, sortSel]) input.value = "";
+      for (const input of [stateSel, nameInput, outcomeSel, sinceInput, untilInput, sortSel]) {
+        input.value = "";
+      }
       reset();
     });
     older.addEventListener("click", () => {

@@ -94,6 +94,12 @@ def test_results_filter_by_date_sort_by_run_time_and_no_empty_download(context, 
     assert f"since={day + timedelta(days=1)}" in page.url
     page.fill("#filter-since", day.isoformat())
     expect(rows).to_have_count(2)
+    # Before a date: the jobs' own day keeps none, the next day both
+    page.fill("#filter-until", day.isoformat())
+    expect(page.locator("#jobs-empty")).to_be_visible()
+    assert f"until={day}" in page.url
+    page.fill("#filter-until", (day + timedelta(days=1)).isoformat())
+    expect(rows).to_have_count(2)
     # Only the job that left a file offers its results
     expect(row_of(page, short).locator(".row-links a", has_text="Results")).to_have_count(1)
     expect(row_of(page, long).locator(".row-links a", has_text="Log")).to_have_count(1)
