@@ -187,28 +187,9 @@ class Registry:
                 log.warning("event for unknown job %s; dropped", event.job_id)
                 return False
             state = State(job["state"])
-            if lifecycle.is_terminal(state) or event.seq <= job["seq"]:
-                log.debug("stale event for %s (seq %s <= %s or terminal); dropped",
-                          event.job_id, event.seq, job["seq"])
+            if not _applies(event, job, state, target):
                 return False
-            if target != state and not lifecycle.can_reach(state, target):
-                log.warning("job %s: event %s → %s is not reachable; dropped",
-                            event.job_id, state, target)
-                return False
-            values: dict[str, Any] = {"attempts": max(job["attempts"] or 0, event.attempt)}
-            if event.worker is not None:
-                values["worker"] = event.worker
-            if event.worker_host is not None:
-                values["worker_host"] = event.worker_host
-            for field in ("outcome", "exit_code", "error"):
-                if getattr(event, field) is not None:
-                    values[field] = getattr(event, field)
-            # Reached, ended, or put back on the queue (the worker that was asked is gone).
-            if job["requested_state"] == target or target == State.QUEUED \
-                    or lifecycle.is_terminal(target):
-                values["requested_state"] = None
-            values.update(timestamps_for(job, state, target, event.at))
-            values.update(event_measures(event))
+            values = _event_values(event, job, state, target)
             with self.engine.begin() as conn:
                 if jobstore.move(conn, job, target, seq=event.seq, values=values, reach=True,
                                  event={"outcome": event.outcome, "exit_code": event.exit_code,
@@ -220,6 +201,35 @@ class Registry:
         log.error("job %s: gave up applying event seq %s after repeated races",
                   event.job_id, event.seq)
         return False
+
+
+def _applies(event: LifecycleEvent, job: dict[str, Any], state: State, target: State) -> bool:
+    """False (and why, in the log) for a stale, post-terminal or unreachable event."""
+    if lifecycle.is_terminal(state) or event.seq <= job["seq"]:
+        log.debug("stale event for %s (seq %s <= %s or terminal); dropped",
+                  event.job_id, event.seq, job["seq"])
+        return False
+    if target != state and not lifecycle.can_reach(state, target):
+        log.warning("job %s: event %s → %s is not reachable; dropped",
+                    event.job_id, state, target)
+        return False
+    return True
+
+
+def _event_values(event: LifecycleEvent, job: dict[str, Any], state: State,
+                  target: State) -> dict[str, Any]:
+    """The job columns an event writes besides its state and seq."""
+    values: dict[str, Any] = {"attempts": max(job["attempts"] or 0, event.attempt)}
+    for field in ("worker", "worker_host", "outcome", "exit_code", "error"):
+        if getattr(event, field) is not None:
+            values[field] = getattr(event, field)
+    # Reached, ended, or put back on the queue (the worker that was asked is gone).
+    if job["requested_state"] == target or target == State.QUEUED \
+            or lifecycle.is_terminal(target):
+        values["requested_state"] = None
+    values.update(timestamps_for(job, state, target, event.at))
+    values.update(event_measures(event))
+    return values
 
 
 # -- JSON ------------------------------------------------------------------------

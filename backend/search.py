@@ -65,6 +65,15 @@ def decode_cursor(cursor: str, size: int) -> list[Any]:
         raise BadRequestError("cursor is not one this server gave out", field="cursor") from exc
 
 
+def _one_of(param: str, value: str, kinds: type[Outcome] | type[State]) -> str:
+    """``value`` if it names a member of ``kinds``, else a 400 listing them."""
+    allowed = [k.value for k in kinds]
+    if value not in allowed:
+        raise BadRequestError(f"unknown {param} {value!r}; use one of {', '.join(allowed)}",
+                              field=param)
+    return value
+
+
 def _filtered(args: dict[str, str], owner: str | None) -> Select:
     query = select(db.jobs)
     if owner:
@@ -74,16 +83,9 @@ def _filtered(args: dict[str, str], owner: str | None) -> Select:
         raise BadRequestError(f"q is longer than {MAX_Q} characters", field="q")
     if q:
         query = query.where(J.name.ilike(_like(q), escape="\\"))
-    if outcome := args.get("outcome"):
-        if outcome not in {o.value for o in Outcome}:
-            raise BadRequestError(f"unknown outcome {outcome!r}; use one of "
-                                  f"{', '.join(o.value for o in Outcome)}", field="outcome")
-        query = query.where(J.outcome == outcome)
-    if state := args.get("state"):
-        if state not in {s.value for s in State}:
-            raise BadRequestError(f"unknown state {state!r}; use one of "
-                                  f"{', '.join(s.value for s in State)}", field="state")
-        query = query.where(J.state == state)
+    for param, column, kinds in (("outcome", J.outcome, Outcome), ("state", J.state, State)):
+        if value := args.get(param):
+            query = query.where(column == _one_of(param, value, kinds))
     for param, column in (("name", J.name), ("group", J.group_id)):
         if value := args.get(param):
             query = query.where(column == value)

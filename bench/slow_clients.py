@@ -181,6 +181,11 @@ def run(args: argparse.Namespace, stack: Stack, path: Path, targets: Targets) ->
     print_upload(f"beside {len(items)} trickling clients", second)
     tricklers.join(limit_s + 10)
     print(f"3. trickling clients all ended {time.monotonic() - began:.0f} s after they began")
+    judge(targets, base, slow, (first, second), items)
+
+
+def report_tricklers(items: list[Trickle]) -> tuple[list[Trickle], list[Trickle]]:
+    """Print when and how the trickling clients were cut off; (headers, bodies)."""
     heads = [i for i in items if i.kind == "headers"]
     bodies = [i for i in items if i.kind == "body"]
     for name, group in (("headers", heads), ("bodies", bodies)):
@@ -188,7 +193,14 @@ def run(args: argparse.Namespace, stack: Stack, path: Path, targets: Targets) ->
         print(f"  {name}: {len(ends)} of {len(group)} cut off, after "
               f"{min(ends, default=0):.1f}..{max(ends, default=0):.1f} s; answers "
               f"{sorted({i.status for i in group})}")
+    return heads, bodies
 
+
+def judge(targets: Targets, base: dict, slow: dict, uploads: tuple[Upload, Upload],
+          items: list[Trickle]) -> None:
+    """Print how the trickling clients ended, then check every target."""
+    first, second = uploads
+    heads, bodies = report_tricklers(items)
     print(f"\ntargets ({load_note()}):")
     for name, key, limit in (("GET /api/v1/jobs/{id}", "job", JOB_P99_MS),
                              ("/healthz", "health", HEALTH_P99_MS)):

@@ -131,6 +131,25 @@ def system_links() -> list[str]:
     return args
 
 
+def _probe_namespaces(uid: int | None, root: bool, missing: list[str]) -> tuple[bool, bool]:
+    """(bwrap works, the job gets a network of its own), adding what is missing."""
+    bwrap = bwrap_binary()
+    bwrap_ok = net_ok = False
+    if bwrap is None:
+        missing.append("bwrap: bubblewrap is not installed (apt-get install bubblewrap)")
+    else:
+        bwrap_ok, net_ok, why = _bwrap_works(bwrap, uid)
+        if not bwrap_ok:
+            missing.append(f"bwrap: {why}")
+    if not net_ok and root:
+        net_ok, why = _empty_network_works()
+        if not net_ok:
+            missing.append(f"network isolation: {why}")
+    elif not net_ok:
+        missing.append("network isolation: needs bwrap or a root worker")
+    return bwrap_ok, net_ok
+
+
 def probe(settings: Settings) -> Layers:
     """The layers this host allows under ``settings.sandbox``; raises ConfigError when
     ``required`` cannot be met or the settings are wrong."""
@@ -144,20 +163,7 @@ def probe(settings: Settings) -> Layers:
     root = os.geteuid() == 0
     if not root:
         missing.append("uid pool: the worker is not root, so jobs run as its own uid")
-    bwrap = bwrap_binary()
-    bwrap_ok = net_ok = False
-    if bwrap is None:
-        missing.append("bwrap: bubblewrap is not installed (apt-get install bubblewrap)")
-    else:
-        bwrap_ok, net_ok, why = _bwrap_works(bwrap, uids[0] if root else None)
-        if not bwrap_ok:
-            missing.append(f"bwrap: {why}")
-    if not net_ok and root:
-        net_ok, why = _empty_network_works()
-        if not net_ok:
-            missing.append(f"network isolation: {why}")
-    elif not net_ok:
-        missing.append("network isolation: needs bwrap or a root worker")
+    bwrap_ok, net_ok = _probe_namespaces(uids[0] if root else None, root, missing)
     slirp = slirp_binary() is not None
     if not slirp:
         missing.append("slirp4netns: not installed (apt-get install slirp4netns), so no "

@@ -228,7 +228,7 @@ class HostSandbox:
                         net_fds=net.child_fds() if net else None, resolv_conf=resolv,
                         tmp_mb=settings.job_tmp_mb,
                         cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
-                        rlimits=rlimits,
+                        rlimits=rlimits, nice=max(0, min(19, settings.job_nice)),
                         # Without bwrap, a root launcher gives the job an empty network
                         # namespace of its own (isolation.py, "network isolation").
                         empty_network=self.layers.network_isolation and not self.bwrap)

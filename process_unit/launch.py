@@ -42,34 +42,46 @@ RLIMITS = {"FSIZE": resource.RLIMIT_FSIZE, "NOFILE": resource.RLIMIT_NOFILE,
 EXIT_SETUP = 71
 
 
+def _rlimit(value: str) -> tuple[int, int]:
+    name, _, number = value.partition("=")
+    return RLIMITS[name], int(number)
+
+
+def _pair(value: str) -> tuple[int, int]:
+    ready, block = value.split(",")
+    return int(ready), int(block)
+
+
+#: flag -> (option, how its value is read, whether it repeats)
+_FLAGS = {
+    "--parent": ("parent", int, False),
+    "--cpus": ("cpus", lambda v: {int(c) for c in v.split(",") if c}, False),
+    "--cgroup": ("cgroups", str, True),
+    "--rlimit": ("rlimits", _rlimit, True),
+    "--uid": ("uid", int, False),
+    "--nice": ("nice", int, False),
+    "--no-network": ("no_network", lambda v: v == "1", False),
+    "--netns": ("netns", _pair, False),
+}
+
+
 def _options(argv: list[str]) -> dict | None:
     opts: dict = {"parent": 0, "cpus": set(), "cgroups": [], "rlimits": [], "uid": None,
-                  "netns": None, "no_network": False}
+                  "netns": None, "no_network": False, "nice": 0}
     args = list(argv)
     while args and args[0] != "--":
         flag = args.pop(0)
         value = args.pop(0) if args else None
         if value is None:
             break
-        if flag == "--parent":
-            opts["parent"] = int(value)
-        elif flag == "--cpus":
-            opts["cpus"] = {int(c) for c in value.split(",") if c}
-        elif flag == "--cgroup":
-            opts["cgroups"].append(value)
-        elif flag == "--rlimit":
-            name, _, number = value.partition("=")
-            opts["rlimits"].append((RLIMITS[name], int(number)))
-        elif flag == "--uid":
-            opts["uid"] = int(value)
-        elif flag == "--no-network":
-            opts["no_network"] = value == "1"
-        elif flag == "--netns":
-            ready, block = value.split(",")
-            opts["netns"] = (int(ready), int(block))
-        else:
+        if flag not in _FLAGS:
             print(f"labq launch: unknown argument {flag!r}", file=sys.stderr)
             return None
+        name, read, repeats = _FLAGS[flag]
+        if repeats:
+            opts[name].append(read(value))
+        else:
+            opts[name] = read(value)
     if len(args) < 2:
         print("labq launch: usage: launch.py --parent PID -- PROGRAM ARGS...", file=sys.stderr)
         return None
@@ -84,6 +96,10 @@ def _box(opts: dict) -> None:
             handle.write(str(os.getpid()))
     for which, value in opts["rlimits"]:
         resource.setrlimit(which, (value, value))
+    if opts["nice"]:
+        # Jobs yield the CPU to labq's own services (worker, backend, broker) on a busy
+        # host; a job's uid cannot lower it again (that needs CAP_SYS_NICE).
+        os.setpriority(os.PRIO_PROCESS, 0, opts["nice"])
     if opts["no_network"]:
         _empty_network()
     uid = opts["uid"]

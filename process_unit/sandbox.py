@@ -52,6 +52,8 @@ class Jail:
     cgroup_procs: tuple[Path, ...] = ()
     #: Resource limits the launcher sets: (name, value), e.g. ("NOFILE", 4096).
     rlimits: tuple[tuple[str, int], ...] = ()
+    #: Niceness of the job's processes (0: the worker's own).
+    nice: int = 0
     #: The launcher (still root) gives the job an empty network namespace: where bwrap
     #: cannot, so the job never shares the host's loopback.
     empty_network: bool = False
@@ -100,6 +102,29 @@ def choose_cpus(cpus: int) -> list[int]:
     return allowed[:cpus]
 
 
+def _launch_argv(jail: Jail, cpus: int, env: dict[str, str]) -> list[str]:
+    """The launcher's command line for one run (launch.py's options, in its order)."""
+    launch = [sys.executable, "-I", "-S", str(LAUNCHER), "--parent", str(os.getpid())]
+    chosen = choose_cpus(cpus)
+    if cpus > 0:
+        launch += ["--cpus", ",".join(str(c) for c in chosen)]
+        for name in _THREAD_VARS:
+            env.setdefault(name, str(len(chosen)))
+    for path in jail.cgroup_procs:
+        launch += ["--cgroup", str(path)]
+    for name, value in jail.rlimits:
+        launch += ["--rlimit", f"{name}={value}"]
+    if jail.nice:
+        launch += ["--nice", str(jail.nice)]
+    if jail.empty_network and not jail.bwrap and not jail.net_fds:
+        launch += ["--no-network", "1"]
+    if jail.uid is not None:
+        launch += ["--uid", str(jail.uid)]
+    if jail.net_fds:
+        launch += ["--netns", ",".join(str(fd) for fd in jail.net_fds)]
+    return launch
+
+
 def build_command(
     *,
     env_dir: Path,
@@ -133,22 +158,7 @@ def build_command(
         "LABQ_ATTEMPT": str(attempt),
         TOKEN_VAR: token,
     }
-    launch = [sys.executable, "-I", "-S", str(LAUNCHER), "--parent", str(os.getpid())]
-    chosen = choose_cpus(cpus)
-    if cpus > 0:
-        launch += ["--cpus", ",".join(str(c) for c in chosen)]
-        for name in _THREAD_VARS:
-            env.setdefault(name, str(len(chosen)))
-    for path in jail.cgroup_procs:
-        launch += ["--cgroup", str(path)]
-    for name, value in jail.rlimits:
-        launch += ["--rlimit", f"{name}={value}"]
-    if jail.empty_network and not jail.bwrap and not jail.net_fds:
-        launch += ["--no-network", "1"]
-    if jail.uid is not None:
-        launch += ["--uid", str(jail.uid)]
-    if jail.net_fds:
-        launch += ["--netns", ",".join(str(fd) for fd in jail.net_fds)]
+    launch = _launch_argv(jail, cpus, env)
     program = [str(python), "-u", entrypoint, *args]
     if jail.bwrap:
         program = [*bwrap_argv(jail.bwrap, workspace=workspace, project=project,

@@ -4,6 +4,7 @@ every process, and clients that trickle their headers or body are cut off."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -114,3 +115,23 @@ def test_an_upload_trickling_its_body_gets_408(lab):
         answer = closed_by_server(sock, b"PK", deadline_s=30)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"too slowly" in answer
+
+
+def test_sigterm_is_not_held_by_idle_keep_alive_connections(broker: str, tmp_path) -> None:
+    # Given a backend with a client that keeps its connection open between requests,
+    system = LabqSystem(tmp_path, workers=0)
+    system.start()
+    try:
+        idle = connect(system)
+        idle.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{system.port}\r\n\r\n"
+                     .encode())
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        # when it is told to stop, then it exits at once instead of waiting out the
+        # graceful timeout (10 s) for a request that is never coming.
+        began = time.monotonic()
+        system.backend.send_signal(signal.SIGTERM)
+        assert system.backend.wait(timeout=30) == 0
+        assert time.monotonic() - began < 5, time.monotonic() - began
+        assert idle.recv(4096) == b""  # closed by the server
+    finally:
+        system.stop()

@@ -52,6 +52,16 @@ def test_a_job_runs_as_its_own_uid_never_root(boxed: LabqSystem):
     assert 60000 <= uid <= 60999 and uid != os.getuid(), log
 
 
+def test_a_job_runs_niced_and_cannot_raise_its_priority(boxed: LabqSystem):
+    # Jobs yield the CPU to labq's own services (LABQ_JOB_NICE, 10 by default).
+    done, log = run(boxed, "import os\nprint('NICE', os.getpriority(os.PRIO_PROCESS, 0))\n"
+                           "try:\n    os.setpriority(os.PRIO_PROCESS, 0, 0)\n"
+                           "    print('RAISED')\nexcept PermissionError:\n"
+                           "    print('REFUSED')\n")
+    assert done["outcome"] == "succeeded", log
+    assert "NICE 10" in log and "REFUSED" in log and "RAISED" not in log, log
+
+
 TAMPER = """
 import os, sys
 for target in sys.argv[1:]:
