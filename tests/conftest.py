@@ -47,3 +47,37 @@ def system(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
         yield sys_
     finally:
         sys_.stop()
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Kill what a failed test left running. A test that fails before it stops its job
+    leaves the job's process alive, and the thread waiting for it then keeps pytest from
+    ever exiting: CI would hang instead of reporting the failure."""
+    import contextlib
+    import signal
+
+    left = _descendants(os.getpid())
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        print(f"\nconftest: killed {len(left)} process(es) tests left running: {left}")

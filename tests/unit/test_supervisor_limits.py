@@ -118,18 +118,21 @@ def test_pause_resume_stop_through_control(tmp_path):
             seen.append(control.status)
         return len(seen) >= 3
 
-    wait_until(lambda: status_is("started") and control.status.elapsed_s > 0.3, timeout=20,
-               message="the script to run")
-    control.request("pause")
-    wait_until(lambda: status_is("paused"), timeout=10, message="the pause")
-    paused_at = control.status.elapsed_s
-    seen: list = []
-    wait_until(refreshed_twice, timeout=10, interval=0.05, message="status rounds while paused")
-    assert status_is("paused") and control.status.elapsed_s == paused_at  # pauses don't count
-    control.request("resume")
-    wait_until(lambda: status_is("started"), timeout=10, message="the resume")
-    control.request("stop")
-    thread.join(20)
+    try:
+        wait_until(lambda: status_is("started") and control.status.elapsed_s > 0.3, timeout=20,
+                   message="the script to run")
+        control.request("pause")
+        wait_until(lambda: status_is("paused"), timeout=10, message="the pause")
+        paused_at = control.status.elapsed_s
+        seen: list = []
+        wait_until(refreshed_twice, timeout=10, interval=0.05, message="status rounds while paused")
+        assert status_is("paused") and control.status.elapsed_s == paused_at  # pauses don't count
+        control.request("resume")
+        wait_until(lambda: status_is("started"), timeout=10, message="the resume")
+    finally:
+        # Stopped on failure too: a job left running would keep pytest from exiting.
+        control.request("stop")
+        thread.join(20)
     states = [s for s, _ in result["events"]]
     assert states == ["initialized", "started", "paused", "started", "stopped"]
     assert result["outcome"].outcome == "cancelled"
