@@ -175,7 +175,9 @@ def test_dockerfile_installs_the_package_on_a_chosen_base():
     assert "ARG BASE_IMAGE=python:3.11-slim" in text
     assert "FROM ${BASE_IMAGE}" in text
     installs = re.findall(r"pip install ([^\n]*)", text)
-    assert any("[postgres]" in line and "-e" not in line.split() for line in installs), installs
+    assert "ARG LABQ_EXTRAS=postgres,s3" in text
+    assert any("[$LABQ_EXTRAS]" in line and "-e" not in line.split() for line in installs), \
+        installs
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "data" in ignored
 
