@@ -7,6 +7,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.labq-installed
 PYTEST_ARGS ?=
+# Test files run three at a time (pytest-xdist; one file's tests stay together, so a
+# module's labq system is shared as before): most tests wait on processes, the broker or
+# a browser, so three fit two cores. PYTEST_JOBS=0 runs them one after another.
+PYTEST_JOBS ?= 3
 
 .PHONY: help run test test-compose lint bench clean venv
 
@@ -38,7 +42,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/labq broker-check
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 # docker-compose.yml for real: rootful Podman from Debian's packages builds the images and
 # runs the stack (tests/compose/); not part of `make test`. Skips, saying why, without root.
