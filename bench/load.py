@@ -180,7 +180,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--baseline", type=int, default=50, help="jobs from one client first")
-    parser.add_argument("--workers", type=int, default=4)
+    # Two workers: what `make run` / `labq up` starts, one per core of this machine. With
+    # more workers than cores the jobs' bookkeeping competes with the uploads (measured:
+    # 4 workers on 2 cores, p99 463 ms); the README's Performance table shows both.
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=240,
                         help="seconds to wait for every outcome after the last upload")
     parser.add_argument("--quick", action="store_true", help="300 jobs")

@@ -388,6 +388,10 @@ def run(settings: Settings) -> int:
     """``labq worker``: run until SIGTERM/SIGINT; returns the process exit code."""
     setup_logging("worker", settings.log_level)
     protect_process()
+    if settings.worker_nice > 0:
+        # The backend answers people; a worker's bookkeeping can wait a moment. On a
+        # host that runs both, this keeps uploads fast while every worker is busy.
+        os.nice(min(19, settings.worker_nice))
     # pika logs every failed connection attempt at ERROR with a traceback; our own
     # backoff warnings say the same in one line.
     for name in ("pika.adapters.utils.connection_workflow",
