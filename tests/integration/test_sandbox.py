@@ -60,6 +60,9 @@ def test_a_job_runs_niced_and_cannot_raise_its_priority(boxed: LabqSystem):
                            "    print('REFUSED')\n")
     assert done["outcome"] == "succeeded", log
     assert "NICE 10" in log and "REFUSED" in log and "RAISED" not in log, log
+    # The workers themselves run at nice 5 (LABQ_WORKER_NICE): the backend goes first.
+    assert {os.getpriority(os.PRIO_PROCESS, w.pid) for w in boxed.workers} == {5}
+    assert os.getpriority(os.PRIO_PROCESS, boxed.backend.pid) == 0
 
 
 TAMPER = """
