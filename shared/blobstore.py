@@ -175,8 +175,9 @@ def file_digest(path: Path) -> tuple[str, int]:
     return reader.sha256, reader.size
 
 
-def content_sha256(store: BlobStore, key: str) -> str | None:
-    """The sha256 of a blob's content, read through (None when there is no such blob)."""
+def content_sha256(store: BlobStore, key: str, out: IO[bytes] | None = None) -> str | None:
+    """The sha256 of a blob's content, read through in chunks (None when there is no
+    such blob); with ``out``, the content is copied there on the way."""
     blob = store.open(key)
     if blob is None:
         return None
@@ -184,6 +185,8 @@ def content_sha256(store: BlobStore, key: str) -> str | None:
     with blob:
         for chunk in blob.chunks():
             digest.update(chunk)
+            if out is not None:
+                out.write(chunk)
     return digest.hexdigest()
 
 

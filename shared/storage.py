@@ -184,7 +184,7 @@ class Storage:
         local = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
-                actual = _copy_blob(self.blobs, self.bundle_key(sha256), out)
+                actual = content_sha256(self.blobs, self.bundle_key(sha256), out)
             if actual != sha256:
                 raise self._tampered(sha256, actual or "nothing")
             yield local
@@ -386,17 +386,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _copy_blob(store: BlobStore, key: str, out: IO[bytes]) -> str | None:
-    """Copy a blob into ``out`` in chunks; return the sha256 of what came (None: absent)."""
-    blob = store.open(key)
-    if blob is None:
-        return None
-    digest = hashlib.sha256()
-    with blob:
-        for chunk in blob.chunks():
-            digest.update(chunk)
-            out.write(chunk)
-    return digest.hexdigest()
 
 
 def sha256_of(path: Path) -> str:
