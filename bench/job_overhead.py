@@ -113,6 +113,37 @@ def throughput(stack: Stack, body: bytes, jobs: int) -> tuple[float, list[str]]:
     return max(ends.values()) - first, ids
 
 
+def report(args: argparse.Namespace, python: str, sandbox: str,
+           bare_runs: tuple[float, float, float], took: float, used: dict[str, float],
+           latencies: tuple[list[float], list[float]]) -> None:
+    """Print the run's figures beside its baselines."""
+    bare_before, bare_after, bare_cpu = bare_runs
+    started, stopped = latencies
+    bare = statistics.mean([bare_before, bare_after])
+    print(f"  sandbox {sandbox}; job interpreter {python}")
+    print(f"  bare `python code.py` x{args.jobs}, {args.workers} at a time: "
+          f"{bare_before:.2f} s before and {bare_after:.2f} s after the labq run "
+          f"({args.jobs / bare:.1f} jobs/s; {bare_cpu / args.jobs * 1000:.1f} ms CPU a run)")
+    on_path = shutil.which("python") or shutil.which("python3")
+    if on_path and Path(on_path).resolve() != Path(python).resolve():
+        # Shown, not judged: `python code.py` as a user types it here may be a wrapper
+        # (pyenv's shim is a shell script, ~10x slower to start than the interpreter);
+        # the target is judged against the interpreter itself, the stricter baseline.
+        typed, _ = bare_run(on_path, args.jobs, args.workers)
+        print(f"  for comparison, `python code.py` with the python on PATH ({on_path}): "
+              f"{typed:.2f} s ({args.jobs / typed:.1f} jobs/s; labq {typed / took:.2f}x "
+              "that) - not the baseline")
+    print(f"  labq, {args.workers} workers, {args.jobs} jobs submitted one after another: "
+          f"{took:.2f} s ({args.jobs / took:.1f} jobs/s, {bare / took:.2f}x bare)")
+    print("  CPU a job during that run: " + ", ".join(
+        f"{name} {sec / args.jobs * 1000:.1f} ms" for name, sec in used.items()))
+    print(f"  idle worker, {args.rounds} jobs one at a time: submit->started "
+          f"p50 {statistics.median(started):.0f} ms, p90 {percentile(started, 90):.0f} ms; "
+          f"submit->stopped p50 {statistics.median(stopped):.0f} ms, "
+          f"p90 {percentile(stopped, 90):.0f} ms")
+    print(f"  after: {load_note()}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=60)
@@ -145,29 +176,9 @@ def main() -> int:
         except (RuntimeError, TimeoutError) as exc:
             print(f"labq failed: {exc}", file=sys.stderr)
             return 2
+    report(args, python, sandbox, (bare_before, bare_after, bare_cpu), took, used,
+           (started, stopped))
     bare = statistics.mean([bare_before, bare_after])
-    print(f"  sandbox {sandbox}; job interpreter {python}")
-    print(f"  bare `python code.py` x{args.jobs}, {args.workers} at a time: "
-          f"{bare_before:.2f} s before and {bare_after:.2f} s after the labq run "
-          f"({args.jobs / bare:.1f} jobs/s; {bare_cpu / args.jobs * 1000:.1f} ms CPU a run)")
-    on_path = shutil.which("python") or shutil.which("python3")
-    if on_path and Path(on_path).resolve() != Path(python).resolve():
-        # Shown, not judged: `python code.py` as a user types it here may be a wrapper
-        # (pyenv's shim is a shell script, ~10x slower to start than the interpreter);
-        # the target is judged against the interpreter itself, the stricter baseline.
-        typed, _ = bare_run(on_path, args.jobs, args.workers)
-        print(f"  for comparison, `python code.py` with the python on PATH ({on_path}): "
-              f"{typed:.2f} s ({args.jobs / typed:.1f} jobs/s; labq {typed / took:.2f}x "
-              "that) - not the baseline")
-    print(f"  labq, {args.workers} workers, {args.jobs} jobs submitted one after another: "
-          f"{took:.2f} s ({args.jobs / took:.1f} jobs/s, {bare / took:.2f}x bare)")
-    print("  CPU a job during that run: " + ", ".join(
-        f"{name} {sec / args.jobs * 1000:.1f} ms" for name, sec in used.items()))
-    print(f"  idle worker, {args.rounds} jobs one at a time: submit->started "
-          f"p50 {statistics.median(started):.0f} ms, p90 {percentile(started, 90):.0f} ms; "
-          f"submit->stopped p50 {statistics.median(stopped):.0f} ms, "
-          f"p90 {percentile(stopped, 90):.0f} ms")
-    print(f"  after: {load_note()}")
     targets = Targets("job overhead")
     targets.check("throughput vs bare at equal parallelism", bare / took,
                   THROUGHPUT_TARGET, unit="x", at_most=False)
