@@ -33,6 +33,24 @@ def connect(lab: LabqSystem) -> socket.socket:
     return socket.create_connection(("127.0.0.1", lab.port), timeout=30)
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP/1.1 answer with a Content-Length: head and body may come in
+    separate segments, so reading once is not enough."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, answer
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def open_stream(lab: LabqSystem, path: str) -> tuple[socket.socket, bytes]:
     """A raw SSE request; returns the socket and the head of the answer."""
     sock = connect(lab)
@@ -74,6 +92,15 @@ def test_the_cap_counts_every_process_and_a_gone_client_frees_its_slot_at_once(l
     assert head.startswith(b"HTTP/1.1 200")
 
 
+def rest_until_closed(sock: socket.socket, answer: bytes) -> bytes:
+    """The server closes after an error answer; its head and body may come in
+    separate segments, so read on until the close."""
+    sock.settimeout(10)
+    while chunk := sock.recv(4096):
+        answer += chunk
+    return answer
+
+
 def closed_by_server(sock: socket.socket, trickle: bytes, deadline_s: float) -> bytes:
     """Send ``trickle`` a byte at a time (every 0.2 s) until the server answers or closes;
     returns what it sent back (b"" for a plain close)."""
@@ -83,7 +110,7 @@ def closed_by_server(sock: socket.socket, trickle: bytes, deadline_s: float) -> 
     while time.monotonic() < end:
         try:
             answer = sock.recv(4096)
-            return answer or b"<closed>"
+            return rest_until_closed(sock, answer) if answer else b"<closed>"
         except TimeoutError:
             pass
         try:
@@ -125,7 +152,7 @@ def test_sigterm_is_not_held_by_idle_keep_alive_connections(broker: str, tmp_pat
         idle = connect(system)
         idle.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{system.port}\r\n\r\n"
                      .encode())
-        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        assert read_response(idle).startswith(b"HTTP/1.1 200")
         # when it is told to stop, then it exits at once instead of waiting out the
         # graceful timeout (10 s) for a request that is never coming.
         began = time.monotonic()
