@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import create_engine, insert
+from sqlalchemy import create_engine, insert, text
 
 from labq.shared import db
 
@@ -99,6 +99,12 @@ def seed(url: str, n: int, owners: list[str], queued: int = 1000, running: int =
             if len(batch) >= 5000:
                 _write(engine, batch, events)
         _write(engine, batch, events)
+        if engine.dialect.name == "postgresql":
+            # A lab's year of history has had its statistics gathered by autovacuum long
+            # ago; rows written a moment ago have none, and without them the planner
+            # picks the wrong index for one researcher's search (40 ms instead of 1.5).
+            with engine.begin() as conn:
+                conn.execute(text("ANALYZE"))
     finally:
         engine.dispose()
     return counts
