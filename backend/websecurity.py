@@ -122,6 +122,10 @@ def install(app: Flask, settings: Settings) -> None:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         PERMANENT_SESSION_LIFETIME=SESSION_DAYS * 24 * 3600,
+        # The cookie is set at sign-in only (a session lasts SESSION_DAYS from then):
+        # refreshed on every answer, a fetch still in flight when its page signed out
+        # was answered with the cookie again, signing the user back in.
+        SESSION_REFRESH_EACH_REQUEST=False,
     )
 
     @app.before_request

@@ -220,6 +220,24 @@ def test_cookie_sessions_need_the_csrf_header_to_change_anything(system: LabqSys
     assert browser.get(system.api("/api/v1/me"), timeout=10).status_code == 401
 
 
+def test_a_request_answered_after_sign_out_does_not_sign_back_in(system: LabqSystem) -> None:
+    # A page's fetches still in flight when its user signs out (the Results page's list,
+    # say) were answered with the session cookie set again, so "signed out" came back
+    # signed in (seen in the e2e sign-out test under CI).
+    system.add_user("frank", password="frank-password")
+    browser, csrf = _browser_session(system, "frank", "frank-password")
+    cookie = browser.cookies.get("labq_session")
+    assert browser.post(system.api("/logout"), headers={"X-CSRF-Token": csrf},
+                        timeout=10).status_code == 204
+    assert "labq_session" not in browser.cookies
+    # The request the page had sent before signing out, with the old cookie, is answered
+    # now: it may answer, but it must not hand the session back.
+    late = requests.get(system.api("/api/v1/jobs"), cookies={"labq_session": cookie},
+                        timeout=10)
+    assert late.status_code == 200
+    assert "Set-Cookie" not in late.headers, late.headers["Set-Cookie"]
+
+
 def test_login_needs_json_and_a_same_origin(system: LabqSystem) -> None:
     form = requests.post(system.api("/login"), data={"name": "alice",
                                                      "password": "alice-password"}, timeout=10)
