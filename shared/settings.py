@@ -157,8 +157,8 @@ class Settings:
     build_uid: int = 59999
     #: Size of a job's private /tmp and of its /dev/shm (each).
     job_tmp_mb: int = 256
-    #: Niceness of ``labq worker`` processes (0-19; jobs get ``job_nice`` on top of
-    #: nothing: it is absolute): the backend, which answers people, goes first.
+    #: Niceness of ``labq worker`` processes (0-19): the backend, which answers people,
+    #: goes first. Jobs get ``job_nice`` (an absolute value, not added to this one).
     worker_nice: int = 5
     #: Niceness of job processes (0-19): jobs yield the CPU to labq's own services, so a
     #: host busy with jobs still takes uploads and answers the API at once.

@@ -386,8 +386,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
