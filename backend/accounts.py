@@ -21,7 +21,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from labq.shared import db
@@ -98,7 +98,7 @@ def create_user(engine: Engine, name: str, *, admin: bool = False,
 
 
 def get_user(engine: Engine, name: str) -> dict[str, Any]:
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         row = conn.execute(select(db.users).where(db.users.c.name == name)).mappings().first()
     if row is None:
         raise AccountError(f"there is no user {name!r} (see `labq user list`)", field="name")
@@ -111,7 +111,7 @@ def list_users(engine: Engine) -> list[dict[str, Any]]:
               .where(active).group_by(db.api_tokens.c.user_id).subquery())
     query = (select(db.users, func.coalesce(tokens.c.n, 0).label("tokens"))
              .outerjoin(tokens, tokens.c.user_id == db.users.c.id).order_by(db.users.c.name))
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         return [dict(r) for r in conn.execute(query).mappings()]
 
 
@@ -135,7 +135,7 @@ def set_disabled(engine: Engine, name: str, disabled: bool) -> None:
 
 def verify_password(engine: Engine, name: str, password: str) -> Identity | None:
     """The user when ``password`` is theirs (and they are enabled); None otherwise."""
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         row = conn.execute(select(db.users).where(db.users.c.name == name)).mappings().first()
     stored = row["password_hash"] if row is not None else None
     try:
@@ -153,7 +153,7 @@ def session_fingerprint(password_hash: str | None) -> str:
 
 
 def user_for_session(engine: Engine, user_id: int, fingerprint: str) -> Identity | None:
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         row = conn.execute(select(db.users).where(db.users.c.id == user_id)).mappings().first()
     if row is None or row["disabled"] or row["password_hash"] is None:
         return None
@@ -179,7 +179,7 @@ def create_token(engine: Engine, user_id: int, name: str) -> tuple[int, str]:
 
 def list_tokens(engine: Engine, user_id: int) -> list[dict[str, Any]]:
     t = db.api_tokens
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         rows = conn.execute(
             select(t.c.id, t.c.name, t.c.created_at, t.c.last_used_at)
             .where(t.c.user_id == user_id, t.c.revoked_at.is_(None)).order_by(t.c.id)
@@ -197,15 +197,20 @@ def revoke_token(engine: Engine, user_id: int, token_id: int) -> bool:
         ).rowcount == 1
 
 
+#: Every authenticated request asks this: built once, run with the hash as parameter.
+_TOKEN_QUERY = (
+    select(db.api_tokens.c.id, db.api_tokens.c.last_used_at, db.users.c.id.label("user_id"),
+           db.users.c.name, db.users.c.is_admin, db.users.c.disabled)
+    .join(db.users, db.users.c.id == db.api_tokens.c.user_id)
+    .where(db.api_tokens.c.token_hash == bindparam("token_hash"),
+           db.api_tokens.c.revoked_at.is_(None)))
+
+
 def user_for_token(engine: Engine, token: str) -> Identity | None:
     """The enabled user owning this live token, found through the unique hash index."""
-    t, u = db.api_tokens, db.users
-    query = (select(t.c.id, t.c.last_used_at, u.c.id.label("user_id"), u.c.name,
-                    u.c.is_admin, u.c.disabled)
-             .join(u, u.c.id == t.c.user_id)
-             .where(t.c.token_hash == hash_token(token), t.c.revoked_at.is_(None)))
-    with engine.connect() as conn:
-        row = conn.execute(query).first()
+    t = db.api_tokens
+    with db.read(engine) as conn:
+        row = conn.execute(_TOKEN_QUERY, {"token_hash": hash_token(token)}).first()
     if row is None or row.disabled:
         return None
     now = time.time()
@@ -228,7 +233,7 @@ def ensure_admin(engine: Engine, data_dir: Path) -> bool:
     Several backend processes may start at once: the unique user name lets exactly one
     of them create the account; the others see the IntegrityError and leave it.
     """
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         if conn.execute(select(func.count()).select_from(db.users)).scalar():
             return False
     password = secrets.token_urlsafe(12)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, g, jsonify, request
+from sqlalchemy import Engine
 
-from labq.backend import auth, websecurity
+from labq.backend import auth, jsonio, websecurity
 from labq.backend.accounts import ensure_admin
 from labq.backend.errors import register_error_handlers
 from labq.backend.openapi import build_spec
@@ -26,6 +27,7 @@ from labq.backend.views import (
     receipts,
     results,
 )
+from labq.shared import db
 from labq.shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,37 @@ log = logging.getLogger(__name__)
 FORM_OVERHEAD_BYTES = 1024 * 1024
 
 
+def _share_reads_per_request(app: Flask, engine: Engine) -> None:
+    """One read connection per request (shared.db.share_reads): opened by its first
+    read, given back when the view is done — before a streamed body (an event or log
+    stream) is sent, so an open stream never holds a database connection."""
+
+    @app.before_request
+    def _share_reads() -> None:
+        g.shared_reads = db.share_reads(engine)
+
+    @app.after_request
+    def _give_back(response: Response) -> Response:
+        _end_shared_reads()
+        return response
+
+
+def _end_shared_reads() -> None:
+    token = g.pop("shared_reads", None)
+    if token is not None:
+        db.end_shared_reads(token)
+
+
 def create_app(settings: Settings | None = None, start_background: bool = False) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__, static_folder=None)
     app.request_class = LabqRequest
-    app.json.sort_keys = False
+    jsonio.install(app)  # orjson; keys in insertion order
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     svc = Services.build(settings)
     app.extensions["labq"] = svc
     ensure_admin(svc.engine, settings.data_dir)
+    _share_reads_per_request(app, svc.engine)  # first: the caller's token is a read too
     websecurity.install(app, settings)  # host allow-list first, then who is asking
     auth.install(app)
     for blueprint in (jobs.bp, logs.bp, results.bp, events.bp, health.bp, nrp.bp, pages.bp,
@@ -72,6 +96,7 @@ def create_app(settings: Settings | None = None, start_background: bool = False)
 
     @app.teardown_request
     def _cleanup(_exc: BaseException | None) -> None:
+        _end_shared_reads()
         cleanup_uploads(request.environ)
 
     register_error_handlers(app)

@@ -51,12 +51,12 @@ def read_events(engine: Engine, after: int, upto: int | None = None,
     if owner is not None:
         query = query.where(j.c.owner == owner)
     query = query.order_by(e.c.id).limit(limit)
-    with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(query).mappings()]
+    with db.read(engine) as conn:
+        return db.dicts(conn.execute(query))
 
 
 def latest_event_id(engine: Engine) -> int:
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         return int(conn.execute(select(func.max(db.events.c.id))).scalar() or 0)
 
 
@@ -80,7 +80,7 @@ class Owners:
         with self._lock:
             if job_id in self._known:
                 return self._known[job_id]
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             owner = conn.execute(select(db.jobs.c.owner).where(db.jobs.c.id == job_id)).scalar()
         self.remember(job_id, owner)
         return owner

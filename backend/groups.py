@@ -115,7 +115,7 @@ def create_rerun(svc: Any, old: dict[str, Any], overrides: Any,
 def group_members(engine: Any, group_id: str) -> list[dict[str, Any]]:
     if not is_job_id(group_id):
         raise NotFoundError(f"there is no group {group_id!r}", group_id=group_id)
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         rows = [dict(r) for r in conn.execute(
             select(db.jobs).where(db.jobs.c.group_id == group_id)
             .order_by(db.jobs.c.created_at, db.jobs.c.id)).mappings()]

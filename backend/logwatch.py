@@ -84,7 +84,7 @@ class LogWatcher(threading.Thread):
 
     def ended(self, jobs: list[str]) -> list[str]:
         done: list[str] = []
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             for start in range(0, len(jobs), CHUNK):
                 rows = conn.execute(select(db.jobs.c.id, db.jobs.c.state)
                                     .where(db.jobs.c.id.in_(jobs[start:start + CHUNK])))

@@ -29,7 +29,7 @@ def check(engine: Engine, name: str, address: str, limit: int) -> None:
         return
     since = time.time() - WINDOW_S
     f = db.login_failures
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         count, oldest = conn.execute(
             select(func.count(), func.min(f.c.at))
             .where(f.c.key == _key(name, address), f.c.at > since)).one()

@@ -48,11 +48,11 @@ class Registry:
     def get(self, job_id: str) -> dict[str, Any]:
         if not is_job_id(job_id):
             raise NotFoundError(f"there is no job {job_id!r}", job_id=job_id)
-        with self.engine.connect() as conn:
-            row = conn.execute(select(db.jobs).where(db.jobs.c.id == job_id)).mappings().first()
-        if row is None:
+        with db.read(self.engine) as conn:
+            rows = db.dicts(conn.execute(db.JOB_BY_ID, {"job_id": job_id}))
+        if not rows:
             raise NotFoundError(f"there is no job {job_id!r}", job_id=job_id)
-        return dict(row)
+        return rows[0]
 
     def list(self, *, state: str | None = None, name: str | None = None,
              limit: int | None = None, cursor: str | None = None, owner: str | None = None
@@ -69,13 +69,13 @@ class Registry:
         query = select(db.jobs.c.state, func.count()).group_by(db.jobs.c.state)
         if owner:
             query = query.where(db.jobs.c.owner == owner)
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             found = dict(conn.execute(query).all())
         return {s.value: int(found.get(s.value, 0)) for s in State}
 
     def find_by_key(self, key: str, owner: str | None) -> dict[str, Any] | None:
         """The job ``owner`` submitted with this Idempotency-Key (keys are per user)."""
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             row = conn.execute(
                 select(db.jobs).where(db.jobs.c.idempotency_key == key,
                                       db.jobs.c.owner == owner)).mappings().first()
@@ -235,14 +235,18 @@ def _event_values(event: LifecycleEvent, job: dict[str, Any], state: State,
 # -- JSON ------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=65_536)
-def iso(ts: float | None) -> str | None:
-    """A Unix time as ISO 8601 UTC with milliseconds (``2024-05-01T12:00:00.000Z``);
-    remembered, since job lists show the same finished jobs' times again and again."""
+def iso_of(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC with milliseconds (``2024-05-01T12:00:00.000Z``)."""
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
+
+
+#: :func:`iso_of`, remembered: job lists show the same jobs' times again and again.
+#: (A time seen once, such as an estimate, goes through iso_of: it would only push the
+#: remembered ones out.)
+iso = functools.lru_cache(maxsize=65_536)(iso_of)
 
 
 def job_to_json(row: dict[str, Any], base: str = "/api/v1/jobs") -> dict[str, Any]:

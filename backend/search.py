@@ -136,15 +136,14 @@ def _page_by_duration(engine: Engine, query: Select, descending: bool, cursor: s
     if part == 0 and last_id is not None and run_s is None:
         raise BadRequestError("cursor is not one this server gave out", field="cursor")
     rows: list[dict[str, Any]] = []
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         if part == 0:
             after = (run_s, last_id) if last_id is not None else None
-            rows = [dict(r) for r in conn.execute(
-                _ran(query, descending, after, limit + 1)).mappings()]
+            rows = db.dicts(conn.execute(_ran(query, descending, after, limit + 1)))
             last_id = None
         if len(rows) <= limit:
-            rows += [dict(r) for r in conn.execute(
-                _never_ran(query, descending, last_id, limit + 1 - len(rows))).mappings()]
+            rows += db.dicts(conn.execute(
+                _never_ran(query, descending, last_id, limit + 1 - len(rows))))
     if len(rows) <= limit:
         return rows, None
     last = rows[limit - 1]
@@ -164,9 +163,9 @@ def search(engine: Engine, args: dict[str, str], limit: int, owner: str | None =
     cursor = args.get("cursor") or None
     if sort.endswith("duration"):
         return _page_by_duration(engine, query, sort.startswith("-"), cursor, limit)
-    with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(
-            _by_created(query, sort.startswith("-"), cursor, limit + 1)).mappings()]
+    with db.read(engine) as conn:
+        rows = db.dicts(conn.execute(
+            _by_created(query, sort.startswith("-"), cursor, limit + 1)))
     if len(rows) <= limit:
         return rows, None
     last = rows[limit - 1]

@@ -30,7 +30,6 @@ import resource
 import signal
 import socket
 import warnings
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.ggevent import GeventWorker
 
 from labq.backend.streamboard import StreamBoard, process_count
+from labq.shared import db
 from labq.shared.hardening import protect_process
 from labq.shared.logs import setup_logging
 from labq.shared.settings import Settings
@@ -56,6 +56,17 @@ API_CONNECTIONS = 1000
 REQUEST_SLOTS = 8
 #: Bytes a connection may have on its way out at once (the kernel allows twice this).
 SEND_BUFFER = 256 * 1024
+#: Keep-alive clients stay with the process that accepted them, and they all wait their
+#: turn in its line: with 200 clients split 130 to 70 (as the kernel happened to hand
+#: them out), the first process's clients waited nearly twice as long as the other's.
+#: So a process serving more clients than the least busy one plus BALANCE_SLACK
+#: (StreamBoard.over_share) leaves a new connection to the others for BALANCE_DEFER_S,
+#: at most BALANCE_DEFERRALS times in a row.
+BALANCE_SLACK = 2
+BALANCE_DEFER_S = 0.005
+BALANCE_DEFERRALS = 8
+#: Connections a process takes from the backlog at one wake-up.
+ACCEPT_AT_ONCE = 64
 
 
 class LabqGeventWorker(GeventWorker):
@@ -63,12 +74,62 @@ class LabqGeventWorker(GeventWorker):
         super().__init__(*args, **kwargs)
         #: Keep-alive connections waiting for their next request (closed on SIGTERM).
         self._idle: set[Any] = set()
+        #: This process's listening servers (gevent StreamServers), once started.
+        self._servers: list[Any] = []
 
     def run(self) -> None:
         import gevent
+        import gunicorn.workers.ggevent as ggevent
 
+        # gunicorn makes its StreamServers inside run() and keeps them to itself; this
+        # process's own subclass (a module global of this forked worker only) counts
+        # each connection as it is accepted and accepts only while this process is not
+        # over its share of the clients (see _steer_accepting).
+        servers, board = self._servers, self._board
+
+        class NotedStreamServer(ggevent.StreamServer):  # type: ignore[misc,name-defined]
+            def start(self) -> None:
+                # gunicorn has several processes accept one connection per wake-up, to
+                # share them; the share is kept here now, and a burst of new clients
+                # is taken from the backlog in a few wake-ups, not one per round of
+                # requests.
+                self.max_accept = ACCEPT_AT_ONCE
+                super().start()
+                servers.append(self)
+
+            deferred = 0
+
+            def do_read(self) -> Any:
+                # Over its share, this process leaves the waiting connection to another
+                # for a moment, a few times at most (so no client waits long, even if
+                # the others are slow to accept).
+                if board is not None and self.deferred < BALANCE_DEFERRALS \
+                        and board.over_share(BALANCE_SLACK):
+                    self.deferred += 1
+                    self.stop_accepting()
+                    self._timer = self.loop.timer(BALANCE_DEFER_S)
+                    self._timer.start(self._start_accepting_if_started)
+                    return None
+                self.deferred = 0
+                return super().do_read()
+
+            def do_handle(self, *args: Any) -> None:
+                if board is not None:
+                    board.add_connection(1)  # counted now: the next do_read sees it
+                try:
+                    super().do_handle(*args)
+                except BaseException:
+                    if board is not None:
+                        board.add_connection(-1)
+                    raise
+
+        ggevent.StreamServer = NotedStreamServer
         gevent.spawn(self._close_idle_when_stopping)
         super().run()
+
+    @property
+    def _board(self) -> StreamBoard | None:
+        return getattr(self.app, "board", None)
 
     def _close_idle_when_stopping(self) -> None:
         """Once stopping, close connections that wait for a next request: gunicorn
@@ -95,6 +156,9 @@ class LabqGeventWorker(GeventWorker):
             super().handle(listener, client, addr)
         finally:
             self._idle.discard(client)
+            board = self._board
+            if board is not None:
+                board.add_connection(-1)  # counted when accepted (NotedStreamServer)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> None:
         self._idle.discard(sock)
@@ -118,60 +182,6 @@ class LabqGeventWorker(GeventWorker):
         import urllib3.util.ssl_
 
         urllib3.util.ssl_.SSLContext = ssl.SSLContext  # type: ignore[misc]
-
-
-class TakeTurns:
-    """WSGI middleware: requests take turns, first come first served.
-
-    First a request lets every other ready request run (one yield): without it gevent
-    keeps serving whichever connections answer fastest, and with 200 busy keep-alive
-    clients a few were served hundreds of times while most waited seconds. Then a
-    request without a body (a read: the job list, a job, a page) waits for one of
-    ``slots`` places, handed to waiters strictly in arrival order: without that, new
-    arrivals barge past requests already waiting for a database connection, and the
-    unlucky ones waited seconds (p50 76 ms, max 2.2 s with 200 clients listing jobs).
-    A place is held only while the view runs, never while a response streams out, and
-    never by an upload (its body may take minutes to arrive).
-    """
-
-    def __init__(self, app: Any, slots: int) -> None:
-        import gevent
-        import gevent.event
-
-        self.app = app
-        self._yield = gevent.sleep
-        self._event = gevent.event.Event
-        self.free = slots
-        self.waiting: deque[Any] = deque()
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        self._yield(0)
-        if environ.get("CONTENT_LENGTH") not in (None, "", "0") or \
-                environ.get("HTTP_TRANSFER_ENCODING"):
-            return self.app(environ, start_response)
-        if self.free > 0 and not self.waiting:
-            self.free -= 1
-        else:
-            turn = self._event()
-            self.waiting.append(turn)
-            try:
-                turn.wait()  # the place is handed over by the request before us
-            except BaseException:
-                if turn in self.waiting:  # never handed over: no place to give back
-                    self.waiting.remove(turn)
-                    raise
-                self._release()
-                raise
-        try:
-            return self.app(environ, start_response)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        if self.waiting:
-            self.waiting.popleft().set()
-        else:
-            self.free += 1
 
 
 def _post_worker_init(worker: Any) -> None:
@@ -276,11 +286,17 @@ class BackendServer(BaseApplication):
         # connections belong to the worker and are cooperative.
         from labq.backend.app import create_app
         from labq.backend.slowclients import BodyDeadline
+        from labq.backend.turns import TakeTurns
 
         s = self.settings
         with one_at_a_time(s.data_dir):
             app = create_app(s, start_background=True)
-        app.extensions["labq"].streams.board = self.board
+        svc = app.extensions["labq"]
+        svc.streams.board = self.board
+        try:  # the first burst of requests finds its connections open
+            db.warm(svc.engine, REQUEST_SLOTS)
+        except Exception:  # noqa: BLE001 - the database may come later: not fatal here
+            log.warning("could not open database connections ahead", exc_info=True)
         app.wsgi_app = TakeTurns(BodyDeadline(  # type: ignore[method-assign]
             app.wsgi_app, s.body_timeout_s, s.body_min_bytes_per_s),
             slots=REQUEST_SLOTS)

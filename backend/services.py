@@ -20,15 +20,18 @@ from labq.backend.applier import EventApplier
 from labq.backend.broadcast import StatusBroadcaster
 from labq.backend.feed import EventFeed, Owners
 from labq.backend.hub import Hub
+from labq.backend.jobfields import JobJsonMemo
 from labq.backend.leader import Leader, lock_path
 from labq.backend.logwatch import LogWatcher
 from labq.backend.notify import Notifier
 from labq.backend.registry import Registry
 from labq.backend.streamboard import pool_sizes
 from labq.backend.streams import StreamSlots
+from labq.backend.tokenmemo import TokenMemo
 from labq.producer.outbox import OutboxRelay
 from labq.producer.publisher import Publisher
 from labq.producer.reconciler import Reconciler
+from labq.shared import db
 from labq.shared.db import make_engine
 from labq.shared.settings import Settings
 from labq.shared.storage import Storage
@@ -52,6 +55,10 @@ class Services:
     notifier: Notifier | None = None
     #: Job id → owner, shared by the event feed and the status broadcaster.
     owners: Owners | None = None
+    #: What of the job JSON only the row decides, made once (backend/jobfields.py).
+    job_json: JobJsonMemo = field(default_factory=JobJsonMemo)
+    #: Who owns each API token, remembered a few seconds (backend/tokenmemo.py).
+    tokens: TokenMemo | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -62,7 +69,8 @@ class Services:
                    registry=Registry(engine, storage, settings),
                    publisher=Publisher(settings, name="labq-backend-publisher"),
                    hub=Hub(owner_of=owners), owners=owners,
-                   streams=StreamSlots(settings.max_streams))
+                   streams=StreamSlots(settings.max_streams),
+                   tokens=TokenMemo(engine, settings.data_dir))
 
     def start_background(self) -> None:
         if self.threads:
@@ -108,7 +116,7 @@ class Services:
 
     def database_ok(self) -> bool:
         try:
-            with self.engine.connect() as conn:
+            with db.read(self.engine) as conn:
                 conn.execute(text("SELECT 1"))
             return True
         except Exception:  # noqa: BLE001 - any failure means "not ready"

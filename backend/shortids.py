@@ -38,7 +38,7 @@ def resolve(engine: Engine, raw: str, owner: str | None = None) -> str:
         raise NotFoundError(
             f"there is no job {raw!r}; use the full id or a prefix of at least "
             f"{MIN_PREFIX} characters", job_id=raw)
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         query = select(db.jobs.c.id).where(db.jobs.c.id.like(f"{value}%"))
         if owner is not None:
             query = query.where(db.jobs.c.owner == owner)

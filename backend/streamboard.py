@@ -34,10 +34,11 @@ def pool_sizes(settings: Settings) -> dict[str, int]:
 
 
 class StreamBoard:
-    """How many streams each process of one ``labq backend`` has open, in memory the
-    processes share (made before gunicorn forks them), so the cap and the gauges count
-    them all. Each process writes only its own slot; a slot whose process died is taken
-    over, counts cleared, by the next process that starts.
+    """How many streams and connections each process of one ``labq backend`` has open,
+    in memory the processes share (made before gunicorn forks them), so the stream cap
+    and the gauges count them all, and the processes can share the clients evenly
+    (:meth:`over_share`). Each process writes only its own slot; a slot whose process
+    died is taken over, counts cleared, by the next process that starts.
     """
 
     KINDS = ("events", "logs")
@@ -46,6 +47,8 @@ class StreamBoard:
         self.size = max(1, processes) * 2  # room for replacements of dead processes
         self._pids = multiprocessing.RawArray(ctypes.c_long, self.size)
         self._counts = multiprocessing.RawArray(ctypes.c_long, self.size * len(self.KINDS))
+        #: Open client connections per slot (streams among them).
+        self._conns = multiprocessing.RawArray(ctypes.c_long, self.size)
         self._lock = multiprocessing.Lock()
         self.slot = -1
 
@@ -58,12 +61,32 @@ class StreamBoard:
                     self._pids[slot] = os.getpid()
                     for k in range(len(self.KINDS)):
                         self._counts[slot * len(self.KINDS) + k] = 0
+                    self._conns[slot] = 0
                     self.slot = slot
                     return
         raise RuntimeError("no free stream slot for this backend process")
 
     def add(self, kind: str, delta: int) -> None:
         self._counts[self.slot * len(self.KINDS) + self.KINDS.index(kind)] += delta
+
+    def add_connection(self, delta: int) -> None:
+        if self.slot >= 0:
+            self._conns[self.slot] += delta
+
+    def _clients(self, slot: int) -> int:
+        """Connections of a slot that are not streams: the ones that send requests."""
+        streams = sum(self._counts[slot * len(self.KINDS) + k] for k in range(len(self.KINDS)))
+        return self._conns[slot] - streams
+
+    def over_share(self, slack: int) -> bool:
+        """This process serves more clients than the least busy other live process plus
+        ``slack``: it should let the others accept new connections for now. (Never true
+        of the least busy one, so someone always accepts.)"""
+        if self.slot < 0:
+            return False
+        others = [self._clients(slot) for slot in range(self.size)
+                  if slot != self.slot and self._pids[slot] and _alive(self._pids[slot])]
+        return bool(others) and self._clients(self.slot) > min(others) + slack
 
     def total(self, kind: str | None = None) -> int:
         kinds = range(len(self.KINDS)) if kind is None else [self.KINDS.index(kind)]

@@ -81,11 +81,15 @@ _snapshots: weakref.WeakKeyDictionary[Engine, tuple[int, Snapshot]] = \
     weakref.WeakKeyDictionary()
 
 
+#: Asked by every page that shows a waiting job: built once.
+_NEWEST_EVENT = select(func.max(db.events.c.id))
+
+
 def snapshot(engine: Engine) -> Snapshot:
     """Busy workers, running jobs and the typical run time; the database is read again
     only when some job changed since the last time."""
-    with engine.connect() as conn:
-        mark = int(conn.execute(select(func.max(db.events.c.id))).scalar() or 0)
+    with db.read(engine) as conn:
+        mark = int(conn.execute(_NEWEST_EVENT).scalar() or 0)
         cached = _snapshots.get(engine)
         if cached is not None and cached[0] == mark:
             return cached[1]
@@ -112,7 +116,7 @@ def position(engine: Engine, job: dict[str, Any]) -> int:
     are not in the queue and never ahead."""
     mine = job["queued_at"] or job["created_at"]
     order = func.coalesce(db.jobs.c.queued_at, db.jobs.c.created_at)
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         ahead = conn.execute(select(func.count()).select_from(db.jobs).where(
             db.jobs.c.state.in_([str(s) for s in WAITING]), db.jobs.c.hold_reason.is_(None),
             or_(order < mine, and_(order == mine, db.jobs.c.id < job["id"])))).scalar_one()
@@ -150,7 +154,7 @@ def _look_up_places(engine: Engine, jobs: list[dict[str, Any]]) -> dict[str, int
     queue = (select(j.id, place)
              .where(j.state.in_([str(s) for s in WAITING]), j.hold_reason.is_(None))
              .subquery())
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         found = dict(conn.execute(select(queue.c.id, queue.c.place)
                                   .where(queue.c.id.in_([job["id"] for job in jobs]))).all())
     # A job that left the queue since the page was read: its place as it was.
@@ -201,7 +205,7 @@ def waiting_fields(engine: Engine, jobs: list[dict[str, Any]], consumers: int | 
                    ) -> dict[str, dict[str, Any]]:
     """``{job id: {queue_position, estimated_start_at, waiting_reason}}`` for ``jobs``;
     ``consumers`` is :func:`idle_workers`' count."""
-    from labq.backend.registry import iso
+    from labq.backend.registry import iso_of
 
     out: dict[str, dict[str, Any]] = {}
     waiting = [j for j in jobs if j["state"] in WAITING and not j.get("hold_reason")]
@@ -219,7 +223,7 @@ def waiting_fields(engine: Engine, jobs: list[dict[str, Any]], consumers: int | 
     for job in waiting:
         place = places[job["id"]]
         start = start_at(place, free, snap.typical)
-        out[job["id"]] = {"queue_position": place, "estimated_start_at": iso(start),
+        out[job["id"]] = {"queue_position": place, "estimated_start_at": iso_of(start),
                           "waiting_reason": reason(place, workers)}
     return out
 

@@ -34,6 +34,14 @@ def _accounts() -> Any:
     return accounts
 
 
+def _tokens_changed() -> None:
+    """The backend processes on this host forget the token owners they remember
+    (backend/tokenmemo.py): the change applies at their next request."""
+    from labq.backend.tokenmemo import note_change
+
+    note_change(_settings().data_dir)
+
+
 def _account_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     from labq.shared.errors import LabqError
 
@@ -106,6 +114,7 @@ def user_list() -> None:
 def user_disable(name: str) -> None:
     """Lock a user out: their tokens and sessions stop working at once."""
     _account_call(_accounts().set_disabled, _engine(), name, True)
+    _tokens_changed()
     click.echo(f"user {name} disabled")
 
 
@@ -114,6 +123,7 @@ def user_disable(name: str) -> None:
 def user_enable(name: str) -> None:
     """Let a disabled user in again."""
     _account_call(_accounts().set_disabled, _engine(), name, False)
+    _tokens_changed()
     click.echo(f"user {name} enabled")
 
 

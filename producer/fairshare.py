@@ -84,7 +84,7 @@ def check_room(engine: Engine, owner: str, count: int, settings: Settings) -> No
     quota = settings.max_queued_per_user
     if not quota:
         return
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         total, _active = _counts(conn, owner)
     if total + count > quota:
         raise TooManyRequestsError(
@@ -118,7 +118,7 @@ def release_owner(engine: Engine, owner: str, settings: Settings) -> list[str]:
 def release_held(engine: Engine, settings: Settings) -> list[str]:
     """Release what fits for every user with held jobs (the outbox relay calls this)."""
     j = db.jobs
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         owners = [r.owner for r in conn.execute(
             select(j.c.owner).where(j.c.state == State.CREATED, j.c.hold_reason.is_not(None))
             .distinct())]

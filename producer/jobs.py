@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from labq.producer.publisher import Publisher
-from labq.shared import jobstore
+from labq.shared import db, jobstore
 from labq.shared.lifecycle import State
 from labq.shared.manifest import JobSpec
 from labq.shared.messages import JobMessage
@@ -56,7 +56,7 @@ def publish_job(engine: Engine, publisher: Publisher, job: Mapping[str, Any]) ->
 
 def publish_job_id(engine: Engine, publisher: Publisher, job_id: str) -> bool:
     """:func:`publish_job` for a job known by id (the outbox relay); True when queued."""
-    with engine.connect() as conn:
+    with db.read(engine) as conn:
         row = jobstore.read(conn, job_id)
     if row is None:
         return False

@@ -42,7 +42,7 @@ class OutboxRelay(threading.Thread):
 
     def pending(self) -> list[str]:
         cutoff = time.time() - MIN_AGE_S
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             rows = conn.execute(
                 select(db.jobs.c.id)
                 .where(db.jobs.c.state == State.CREATED, db.jobs.c.created_at < cutoff,

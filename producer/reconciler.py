@@ -60,7 +60,7 @@ class Reconciler(threading.Thread):
 
     def stale_queued(self) -> list[dict]:
         cutoff = time.time() - self.settings.reconcile_after_s
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             rows = conn.execute(
                 select(db.jobs).where(db.jobs.c.state == State.QUEUED,
                                       db.jobs.c.queued_at < cutoff)

@@ -17,6 +17,7 @@ from labq.backend.auth import (
 from labq.backend.params import TOKEN_ID_MAX
 from labq.backend.registry import iso
 from labq.backend.services import services
+from labq.backend.tokenmemo import note_change
 from labq.backend.views.pages import page
 from labq.shared.errors import BadRequestError, ForbiddenError, NotFoundError
 
@@ -96,4 +97,5 @@ def revoke_token(token_id: int) -> tuple[str, int]:
     if token_id > TOKEN_ID_MAX or not accounts.revoke_token(
             services().engine, current_identity().user_id, token_id):
         raise NotFoundError(f"you have no token {token_id} (see GET /api/v1/tokens)")
+    note_change(services().settings.data_dir)  # every process forgets it now
     return "", 204

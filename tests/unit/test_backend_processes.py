@@ -85,3 +85,29 @@ def test_one_process_leads_until_it_stops_then_another_takes_over(tmp_path, quic
     assert started == ["a", "b"]
     stop_b.set()
     b.join(10)
+
+
+def test_a_process_over_its_share_of_clients_leaves_new_ones_to_the_others():
+    board = StreamBoard(2)
+    board.claim()
+    sleeper = FORK.Process(target=threading.Event().wait, args=(30,))
+    sleeper.start()
+    try:
+        # Given another live process (its slot) serving 10 clients and this one 12
+        other = 1 if board.slot == 0 else 0
+        board._pids[other] = sleeper.pid
+        board._conns[other] = 10
+        for _ in range(12):
+            board.add_connection(1)
+        # Then this one is within its share (slack 2), and over it with one more
+        assert not board.over_share(2)
+        board.add_connection(1)
+        assert board.over_share(2)
+        # Streams are connections that send no requests: they do not count as clients
+        board.add("events", 5)
+        assert not board.over_share(2)
+    finally:
+        sleeper.kill()
+        sleeper.join(10)
+    # A dead process's count is no reason to stand back
+    assert not board.over_share(0)
