@@ -65,8 +65,11 @@ class EventApplier(threading.Thread):
             channel.basic_ack(method.delivery_tag)
             return
         # A database error propagates: the session ends unacked and the event comes back.
-        if isinstance(event, LifecycleEvent) and self.registry.apply_event(event):
-            self.hub.wake()  # the event feed reads it now
-            if self.notifier is not None and is_terminal(event.state):
-                self.notifier.job_ended(job_to_json(self.registry.get(event.job_id)))
+        if isinstance(event, LifecycleEvent):
+            moved = self.registry.apply_event(event)
+            if moved is not None:
+                self.hub.wake()  # the event feed reads it now
+                if self.notifier is not None and is_terminal(event.state) \
+                        and moved.get("notify_url"):
+                    self.notifier.job_ended(job_to_json(moved))
         channel.basic_ack(method.delivery_tag)

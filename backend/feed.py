@@ -29,6 +29,9 @@ from labq.shared import db
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25
+#: Least time between two reads: a burst of news (a hundred events a second from busy
+#: workers) is read in a few queries, not one each; the first news is read at once.
+COALESCE_S = 0.02
 BATCH = 500
 GAP_S = 10.0
 MAX_GAPS = 1000
@@ -114,6 +117,7 @@ class EventFeed(threading.Thread):
                     log.warning("event feed: reading new events failed; retrying",
                                 exc_info=True)
                     self.stop_event.wait(1.0)
+                self.stop_event.wait(COALESCE_S)
         finally:
             self.hub.close_all()  # shutdown: every open stream ends now
             log.info("event feed: stopped")

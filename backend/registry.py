@@ -168,8 +168,9 @@ class Registry:
             return jobstore.set_requested(conn, job, requested)
 
     # -- events -----------------------------------------------------------------
-    def apply_event(self, event: LifecycleEvent) -> bool:
-        """Apply a worker's lifecycle event; True when it changed the job.
+    def apply_event(self, event: LifecycleEvent) -> dict[str, Any] | None:
+        """Apply a worker's lifecycle event; the job's row afterwards when it changed the
+        job (None when it did not).
 
         Stale (``seq`` not newer), duplicate and post-terminal events are dropped, and so
         are moves the state machine cannot reach; a lost compare-and-set race is retried.
@@ -179,28 +180,29 @@ class Registry:
         except ValueError:
             log.warning("event for %s names unknown state %r; dropped", event.job_id,
                         event.state)
-            return False
+            return None
         for _ in range(MAX_RACE_RETRIES):
             try:
                 job = self.get(event.job_id)
             except NotFoundError:
                 log.warning("event for unknown job %s; dropped", event.job_id)
-                return False
+                return None
             state = State(job["state"])
             if not _applies(event, job, state, target):
-                return False
+                return None
             values = _event_values(event, job, state, target)
             with self.engine.begin() as conn:
-                if jobstore.move(conn, job, target, seq=event.seq, values=values, reach=True,
-                                 event={"outcome": event.outcome, "exit_code": event.exit_code,
-                                        "error": event.error, "attempt": event.attempt,
-                                        "worker": event.worker,
-                                        "worker_host": event.worker_host,
-                                        "at": event.at}) is not None:
-                    return True
+                moved = jobstore.move(
+                    conn, job, target, seq=event.seq, values=values, reach=True,
+                    event={"outcome": event.outcome, "exit_code": event.exit_code,
+                           "error": event.error, "attempt": event.attempt,
+                           "worker": event.worker, "worker_host": event.worker_host,
+                           "at": event.at})
+            if moved is not None:
+                return moved
         log.error("job %s: gave up applying event seq %s after repeated races",
                   event.job_id, event.seq)
-        return False
+        return None
 
 
 def _applies(event: LifecycleEvent, job: dict[str, Any], state: State, target: State) -> bool:

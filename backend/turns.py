@@ -26,15 +26,18 @@ changed a job and then reads sees its change). Only the JSON reads of jobs are s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 #: The reads whose answers may be shared: the job list, one job, its state.
+#: Where a request finds its process's TakeTurns (see :func:`turn`).
+ENVIRON_KEY = "labq.turns"
 SHARED_PATHS = re.compile(r"/api/v1/jobs(/[A-Za-z0-9]+(/state)?)?")
 #: A larger answer is not kept to be shared (a page of 500 jobs is about 1 MB).
 MAX_SHARED_BYTES = 2 * 1024 * 1024
@@ -79,7 +82,7 @@ class TakeTurns:
         import gevent.event
 
         self.app = app
-        self._yield = gevent.sleep
+        self._yield = lambda _s: gevent.idle()
         self._event = gevent.event.Event
         self.free = slots
         self.waiting: deque[_Turn] = deque()
@@ -92,6 +95,9 @@ class TakeTurns:
         self._yield(0)
         if environ.get("CONTENT_LENGTH") not in (None, "", "0") or \
                 environ.get("HTTP_TRANSFER_ENCODING"):
+            # Its body may take minutes to come: it takes a place only once it has it
+            # all, when the view asks (turn(), below).
+            environ[ENVIRON_KEY] = self
             return self.app(environ, start_response)
         key = share_key(environ)
         if self.free > 0 and not self.waiting:
@@ -107,6 +113,18 @@ class TakeTurns:
             if not followers:
                 return self.app(environ, start_response)
             return self._answer_all(environ, start_response, followers)
+        finally:
+            self._release()
+
+    @contextlib.contextmanager
+    def place(self) -> Iterator[None]:
+        """Hold one of the places, in line with the reads, for a ``with`` block."""
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+        else:
+            self._wait(None)
+        try:
+            yield
         finally:
             self._release()
 
@@ -200,3 +218,12 @@ class TakeTurns:
             turn.event.set()
         else:
             self.free += 1
+
+
+def turn(environ: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """A place for a request with a body, once it has its body (uploads, in their view):
+    twenty uploads working at once each got a twentieth of the process and finished
+    together, late (p99 four times p50); in line, each one finishes in its turn. Outside
+    the server (tests, scripts) there is no line: the block just runs."""
+    turns = environ.get(ENVIRON_KEY)
+    return turns.place() if isinstance(turns, TakeTurns) else contextlib.nullcontext()

@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,10 +254,14 @@ def _v1_dirs(root: Path, paths: dict[str, str], name: str, cpus: int) -> dict[st
     return dirs
 
 
-def _pauses(rounds: int) -> list[float]:
+def _pauses(rounds: int) -> Iterator[float]:
     """Waits between tries: the last process of a job is usually gone within a
-    millisecond of its parent's exit, so start short (0.5 ms), double up to 10 ms."""
-    return [min(0.0005 * 2 ** i, 0.01) for i in range(rounds)]
+    millisecond of its parent's exit, so start short (0.5 ms), double up to 10 ms.
+    (A generator: most runs need one try, and every run's cgroup is killed.)"""
+    pause = 0.0005
+    for _ in range(rounds):
+        yield pause
+        pause = min(pause * 2, 0.01)
 
 
 #: Job cgroups are named ``labq-<worker pid>-<worker start time>-<run>`` so a worker can

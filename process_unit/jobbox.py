@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labq.process_unit import cgroups, isolation, proctree, uidpool
+from labq.process_unit import cgroups, isolation, proctree, quicklaunch, uidpool
 from labq.process_unit.cgroups import JobCgroup
 from labq.process_unit.envcache import BuildBox
 from labq.process_unit.netbox import RESOLV_CONF, JobNetwork
@@ -134,6 +134,12 @@ class HostSandbox:
                                     self._lock_dir(work), reclaim=not layers.bwrap) \
             if layers.uid_pool else None
         self.bwrap = isolation.bwrap_binary() if layers.bwrap else None
+        #: Runs start through the system's tools, not a Python launcher, when it can
+        #: (process_unit/quicklaunch.py).
+        self.tools = quicklaunch.Tools.find() if self.bwrap and layers.uid_pool else None
+        if self.bwrap and layers.uid_pool and self.tools is None:
+            log.info("jobs start through the Python launcher: sh, nice, prlimit or "
+                     "setpriv is missing (install util-linux and coreutils)")
 
     @classmethod
     def start(cls, settings: Settings) -> HostSandbox:
@@ -229,6 +235,7 @@ class HostSandbox:
                         tmp_mb=settings.job_tmp_mb,
                         cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
                         rlimits=rlimits, nice=max(0, min(19, settings.job_nice)),
+                        tools=self.tools,
                         # Without bwrap, a root launcher gives the job an empty network
                         # namespace of its own (isolation.py, "network isolation").
                         empty_network=self.layers.network_isolation and not self.bwrap)

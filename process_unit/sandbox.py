@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from labq.process_unit import quicklaunch
+
 LAUNCHER = Path(__file__).resolve().parent / "launch.py"
 #: Variable that marks every process of one run, so the supervisor finds processes
 #: that left the tree (setsid + double fork) and a later worker can sweep orphans.
@@ -57,6 +59,9 @@ class Jail:
     #: The launcher (still root) gives the job an empty network namespace: where bwrap
     #: cannot, so the job never shares the host's loopback.
     empty_network: bool = False
+    #: The system tools that launch a run instead of launch.py (quicklaunch.py), when
+    #: this host has them.
+    tools: quicklaunch.Tools | None = None
 
 
 def bwrap_argv(bwrap: str, *, workspace: Path, project: Path, env_dir: Path, tmp_mb: int,
@@ -102,14 +107,34 @@ def choose_cpus(cpus: int) -> list[int]:
     return allowed[:cpus]
 
 
+def _quick(jail: Jail, cpus: int) -> bool:
+    """The run can start through the system's tools (quicklaunch.py): boxed by bwrap as
+    a uid of its own, with no network of its own to set up first."""
+    return (jail.tools is not None and jail.bwrap is not None and jail.uid is not None
+            and not jail.net_fds and not jail.empty_network
+            and (cpus <= 0 or jail.tools.taskset is not None))
+
+
 def _launch_argv(jail: Jail, cpus: int, env: dict[str, str]) -> list[str]:
-    """The launcher's command line for one run (launch.py's options, in its order)."""
-    launch = [sys.executable, "-I", "-S", str(LAUNCHER), "--parent", str(os.getpid())]
+    """The launcher's command line for one run (launch.py's options, in its order, or
+    the same steps by the system's tools), to which the boxed program is appended."""
     chosen = choose_cpus(cpus)
     if cpus > 0:
-        launch += ["--cpus", ",".join(str(c) for c in chosen)]
         for name in _THREAD_VARS:
             env.setdefault(name, str(len(chosen)))
+    if _quick(jail, cpus):
+        assert jail.tools is not None and jail.uid is not None
+        return quicklaunch.launch_argv(
+            jail.tools, cgroup_procs=tuple(str(p) for p in jail.cgroup_procs),
+            cpus=chosen if cpus > 0 else None, nice=jail.nice, rlimits=jail.rlimits,
+            uid=jail.uid)
+    return _python_launcher_argv(jail, chosen if cpus > 0 else [])
+
+
+def _python_launcher_argv(jail: Jail, cpus: list[int]) -> list[str]:
+    launch = [sys.executable, "-I", "-S", str(LAUNCHER), "--parent", str(os.getpid())]
+    if cpus:
+        launch += ["--cpus", ",".join(str(c) for c in cpus)]
     for path in jail.cgroup_procs:
         launch += ["--cgroup", str(path)]
     for name, value in jail.rlimits:
@@ -122,7 +147,7 @@ def _launch_argv(jail: Jail, cpus: int, env: dict[str, str]) -> list[str]:
         launch += ["--uid", str(jail.uid)]
     if jail.net_fds:
         launch += ["--netns", ",".join(str(fd) for fd in jail.net_fds)]
-    return launch
+    return [*launch, "--"]
 
 
 def build_command(
@@ -165,5 +190,5 @@ def build_command(
                                env_dir=env_dir, tmp_mb=jail.tmp_mb,
                                own_network=bool(jail.net_fds), resolv_conf=jail.resolv_conf),
                    *program]
-    return Command(argv=[*launch, "--", *program], env=env, cwd=project,
+    return Command(argv=[*launch, *program], env=env, cwd=project,
                    pass_fds=tuple(jail.net_fds or ()))

@@ -15,6 +15,7 @@ from labq.backend.jobfields import jobs_json
 from labq.backend.registry import DEFAULT_LIMIT, MAX_LIMIT, job_to_json
 from labq.backend.scope import owner_filter, visible_job
 from labq.backend.services import services
+from labq.backend.turns import turn
 from labq.backend.uploads import StagedUpload
 from labq.shared import sweep
 from labq.shared.bundle import clean_name, inspect_bundle
@@ -71,9 +72,16 @@ def submit_job() -> tuple[Response, int]:
         raise BundleTooLargeError(
             f"the upload is larger than this server accepts ({limit / (1024 * 1024):.1f} "
             "MiB at most); leave data sets out of the bundle")
+    with turn(request.environ):  # the whole body is here: the work takes its turn
+        return _accept(svc, staged, upload.filename, key)
+
+
+def _accept(svc: Any, staged: StagedUpload, filename: str | None, key: str | None
+            ) -> tuple[Response, int]:
+    """Check, store and queue an upload that has fully arrived."""
     owner = current_identity().name
     overrides = form_overrides()
-    fallback = clean_name(PurePath(upload.filename or "job").stem)
+    fallback = clean_name(PurePath(filename or "job").stem)
     info, spec = inspect_bundle(staged.path, svc.settings, fallback_name=fallback,
                                 overrides=overrides)
     combos = sweep.combinations(info.manifest.get("sweep"), svc.settings.max_group_size)
