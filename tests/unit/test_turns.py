@@ -172,3 +172,35 @@ def test_the_share_key_holds_the_credentials_and_ignores_the_connection():
     assert share_key(environ(method="POST")) is None
     assert share_key(environ(path="/api/v1/jobs/abc/results")) is None
     assert share_key(environ(path="/api/v1/jobs/abc/state")) is not None
+
+
+def test_an_upload_waits_for_its_body_without_a_place_then_takes_its_turn(app):
+    from labq.backend.turns import turn
+
+    order: list[str] = []
+
+    def upload_view(env: dict[str, Any], start_response: Any) -> list[bytes]:
+        order.append("body read")  # reading the body holds no place
+        with turn(env):
+            order.append("upload works")
+        start_response("201 CREATED", [])
+        return [b"{}"]
+
+    turns = TakeTurns(upload_view, slots=1)
+    holder = TakeTurns.place(turns)
+    holder.__enter__()  # a read holds the only place
+    up = {**environ(method="POST"), "CONTENT_LENGTH": "10"}
+    upload = gevent.spawn(request, turns, up)
+    gevent.sleep(0.01)
+    assert order == ["body read"]  # it got its body, and waits in line for the place
+    holder.__exit__(None, None, None)
+    upload.join(10)
+    assert order == ["body read", "upload works"] and upload.value[0] == "201 CREATED"
+    assert turns.free == 1
+
+
+def test_outside_the_server_an_upload_just_runs():
+    from labq.backend.turns import turn
+
+    with turn({}):
+        pass
