@@ -14,6 +14,10 @@ for: Home's recent jobs (10), the Results page (25) and its next page (keyset cu
 queue), ``?outcome=error&sort=-duration`` and (admins) ``?owner=``. First one client
 alone (the baseline), then 200 at once, each asking again as soon as it is answered.
 Exits 1 when the p99 misses the target.
+
+``--researchers N`` spreads the history and the clients over N researchers (default 4,
+with the admin): with 200 every client is a researcher of its own, so no two clients ask
+the same question with the same token and no answer can be shared (backend/turns.py).
 """
 
 from __future__ import annotations
@@ -68,10 +72,32 @@ def picker(seed_value: int):  # noqa: ANN201 - a closure over its own random sou
     return pick
 
 
+def researchers(n: int) -> tuple[str, ...]:
+    """The researchers of a run: alice, bob, carol, dave, then r005, r006, ..."""
+    return RESEARCHERS[:n] + tuple(f"r{i:03d}" for i in range(len(RESEARCHERS) + 1, n + 1))
+
+
 def make_clients(n: int, tokens: dict[str, str]) -> list[Client]:
-    users = ["admin", *RESEARCHERS]
+    users = list(tokens)
     return [Client(tokens[users[i % len(users)]], users[i % len(users)], picker(i))
             for i in range(n)]
+
+
+def make_tokens(stack: Stack, names: tuple[str, ...]) -> dict[str, str]:
+    """The admin's token and one for each researcher (the first four made with `labq user
+    add`, as a lab does; the rest straight in the database, which is quicker)."""
+    tokens = {"admin": stack.token, **{u: add_user(stack, u) for u in names[:4]}}
+    if len(names) > 4:
+        from labq.backend import accounts
+
+        engine = make_engine(Settings.from_env(stack.env))
+        try:
+            for name in names[4:]:
+                user = accounts.create_user(engine, name)
+                tokens[name] = accounts.create_token(engine, user["id"], "bench")[1]
+        finally:
+            engine.dispose()
+    return tokens
 
 
 def report(title: str, samples: list[Sample], wall_s: float) -> list[float]:
@@ -89,20 +115,21 @@ def report(title: str, samples: list[Sample], wall_s: float) -> list[float]:
     return good
 
 
-def store_history(stack: Stack, jobs: int) -> dict[str, int]:
+def store_history(stack: Stack, jobs: int, names: tuple[str, ...] = RESEARCHERS
+                  ) -> dict[str, int]:
     """The lab's history, written before the backend starts (as a lab restarting labq
     finds it): the database made and migrated as labq does, then filled."""
     settings = Settings.from_env(stack.env)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     make_engine(settings).dispose()  # runs the migrations
-    return seed(settings.resolved_database_url, jobs, ["admin", *RESEARCHERS, *OTHERS],
+    return seed(settings.resolved_database_url, jobs, ["admin", *names, *OTHERS],
                 queued=1000, running=20)
 
 
 def run(args: argparse.Namespace, stack: Stack, counts: dict[str, int], targets: Targets
         ) -> None:
-    tokens = {"admin": stack.token, **{u: add_user(stack, u) for u in RESEARCHERS}}
-    print(f"stored {sum(counts.values())} jobs {counts}")
+    tokens = make_tokens(stack, researchers(args.researchers))
+    print(f"stored {sum(counts.values())} jobs {counts}, {args.researchers} researchers")
     host, port = "127.0.0.1", stack.port
     one = make_clients(1, tokens)
     wall = asyncio.run(run_clients(one, host, port, args.seconds / 2))
@@ -129,13 +156,17 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--researchers", type=int, default=len(RESEARCHERS),
+                        help="researchers the history and the clients belong to (and the "
+                             "admin); 200: every client a researcher of its own")
     parser.add_argument("--quick", action="store_true", help="20,000 jobs, 8 s")
     args = parser.parse_args()
     if args.quick:
         args.jobs, args.seconds = min(args.jobs, 20_000), min(args.seconds, 8.0)
     if not 2000 <= args.jobs <= 1_000_000 or not 1 <= args.clients <= 1000 \
-            or not 1 <= args.seconds <= 120:
-        parser.error("--jobs 2000..1000000, --clients 1..1000, --seconds 1..120")
+            or not 1 <= args.seconds <= 120 or not 1 <= args.researchers <= 1000:
+        parser.error("--jobs 2000..1000000, --clients 1..1000, --seconds 1..120, "
+                     "--researchers 1..1000")
     raise_open_files(args.clients * 2 + 256)
     targets = Targets(f"job list ({'PostgreSQL' if args.database else 'SQLite'})")
     print(f"job list: {args.jobs} jobs, {args.clients} clients, "
@@ -143,7 +174,7 @@ def main() -> int:
     print("before (issue 10): 1,000 concurrent GETs of the job list: p50 9.7 s, p99 19.7 s")
     with database(args.database) as env, Stack(
             "list", env={**backend_env(), **env, "LABQ_RECONCILE_INTERVAL_S": "3600"}) as stack:
-        counts = store_history(stack, args.jobs)
+        counts = store_history(stack, args.jobs, researchers(args.researchers))
         stack.start_backend()
         run(args, stack, counts, targets)
     return targets.exit_code()

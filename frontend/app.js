@@ -656,7 +656,8 @@
     for (const o of OUTCOMES) outcomeSel.append(el("option", { value: o, text: o }));
     const params = new URLSearchParams(location.search);
     stateSel.value = params.get("state") || "";
-    nameInput.value = params.get("q") || params.get("name") || "";
+    // Keep what someone typed while the page was still asking who they are.
+    nameInput.value = params.get("q") || params.get("name") || nameInput.value;
     outcomeSel.value = params.get("outcome") || "";
     sinceInput.value = params.get("since") || "";
     untilInput.value = params.get("until") || "";

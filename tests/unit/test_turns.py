@@ -204,3 +204,19 @@ def test_outside_the_server_an_upload_just_runs():
 
     with turn({}):
         pass
+
+
+def test_an_idle_process_answers_at_once_and_a_busy_one_lets_the_others_step_first(app):
+    turns = TakeTurns(app, slots=2)
+    yields: list[str] = []
+    turns._yield = lambda _s: yields.append("yield")
+    assert request(turns, environ("/healthz"))[0] == "200 OK"
+    assert yields == []  # nobody else is in a view: no trip round the loop
+    gate = app.hold("/api/v1/jobs/slow")
+    held = gevent.spawn(request, turns, environ("/api/v1/jobs/slow"))
+    gevent.sleep(0.01)
+    assert request(turns, environ("/healthz"))[0] == "200 OK"
+    assert yields == ["yield"]  # another read was in its view: this one yielded first
+    gate.set()
+    held.join(10)
+    assert turns.free == 2
