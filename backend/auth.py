@@ -78,11 +78,7 @@ def csrf_token() -> str | None:
 
 def _from_bearer(header: str) -> Identity:
     token = header[7:].strip()
-    svc = services()
-    identity = None
-    if token:
-        identity = svc.tokens.identity(token) if svc.tokens is not None \
-            else accounts.user_for_token(svc.engine, token)
+    identity = services().tokens.identity(token) if token else None
     if identity is None:
         raise UnauthorizedError("the API token is not valid (revoked, mistyped, or its user "
                                 "is disabled); make a new one with `labq login`")

@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
 from sqlalchemy import Engine, func, select
 
 from labq.backend.hub import Hub
 from labq.shared import db
+from labq.shared.lru import MISSING, Lru
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,15 @@ class Owners:
 
     def __init__(self, engine: Engine, size: int = 20_000) -> None:
         self.engine = engine
-        self.size = size
-        self._known: OrderedDict[str, str | None] = OrderedDict()
-        self._lock = threading.Lock()
+        self._known: Lru[str, str | None] = Lru(size)
 
     def remember(self, job_id: str, owner: str | None) -> None:
-        with self._lock:
-            self._known[job_id] = owner
-            self._known.move_to_end(job_id)
-            while len(self._known) > self.size:
-                self._known.popitem(last=False)
+        self._known.put(job_id, owner)
 
     def __call__(self, job_id: str) -> str | None:
-        with self._lock:
-            if job_id in self._known:
-                return self._known[job_id]
+        known = self._known.get(job_id, MISSING)
+        if known is not MISSING:
+            return known  # type: ignore[return-value]
         with db.read(self.engine) as conn:
             owner = conn.execute(select(db.jobs.c.owner).where(db.jobs.c.id == job_id)).scalar()
         self.remember(job_id, owner)

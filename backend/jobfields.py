@@ -6,12 +6,11 @@ lifecycle; :func:`extra_fields` is merged into it.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any
 
 from labq.shared.durations import durations
 from labq.shared.lifecycle import TERMINAL
+from labq.shared.lru import Lru
 from labq.shared.storage import Storage
 
 _ENDED = frozenset(str(s) for s in TERMINAL)
@@ -41,7 +40,7 @@ def has_results(storage: Storage, row: dict[str, Any]) -> bool:
     return storage.has_results(row["id"], settled=True)
 
 
-class JobJsonMemo:
+class JobJsonMemo(Lru[tuple[Any, ...], dict[str, Any]]):
     """The parts of jobs' JSON that only their row decides, made once per backend
     process and kept (least recently used out past ``size``).
 
@@ -56,22 +55,7 @@ class JobJsonMemo:
     """
 
     def __init__(self, size: int = 8192) -> None:
-        self.size = size
-        self._items: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
-
-    def put(self, key: tuple[Any, ...], data: dict[str, Any]) -> None:
-        with self._lock:
-            self._items[key] = data
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        super().__init__(size)
 
 
 #: The waiting fields of a job that is not waiting (held jobs get their reason).

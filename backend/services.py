@@ -46,6 +46,8 @@ class Services:
     storage: Storage
     registry: Registry
     publisher: Publisher
+    #: Who owns each API token, remembered a few seconds (backend/tokenmemo.py).
+    tokens: TokenMemo
     hub: Hub = field(default_factory=Hub)
     #: Open SSE streams, capped (backend/streams.py).
     streams: StreamSlots = field(default_factory=lambda: StreamSlots(1))
@@ -57,8 +59,6 @@ class Services:
     owners: Owners | None = None
     #: What of the job JSON only the row decides, made once (backend/jobfields.py).
     job_json: JobJsonMemo = field(default_factory=JobJsonMemo)
-    #: Who owns each API token, remembered a few seconds (backend/tokenmemo.py).
-    tokens: TokenMemo | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:

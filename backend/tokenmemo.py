@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 from sqlalchemy import Engine
 
 from labq.backend import accounts
 from labq.backend.accounts import Identity
+from labq.shared.lru import Lru
 
 #: Longest a remembered identity is used without asking the database again.
 MEMO_S = 10.0
@@ -53,9 +53,7 @@ class TokenMemo:
     def __init__(self, engine: Engine, data_dir: Path) -> None:
         self.engine = engine
         self.marker = Path(data_dir) / MARKER
-        self._items: OrderedDict[str, tuple[Identity, float, tuple[int, int]]] = \
-            OrderedDict()
-        self._lock = threading.Lock()
+        self._items: Lru[str, tuple[Identity, float, tuple[int, int]]] = Lru(MEMO_SIZE)
 
     def _version(self) -> tuple[int, int]:
         try:
@@ -70,17 +68,12 @@ class TokenMemo:
         key = accounts.hash_token(token)
         version = self._version()
         now = time.monotonic()
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None and found[2] == version and now - found[1] < MEMO_S:
-                return found[0]
+        found = self._items.get(key)
+        if found is not None and found[2] == version and now - found[1] < MEMO_S:
+            return found[0]
         identity = accounts.user_for_token(self.engine, token)
-        with self._lock:
-            if identity is None:
-                self._items.pop(key, None)
-            else:
-                self._items[key] = (identity, now, version)
-                self._items.move_to_end(key)
-                while len(self._items) > MEMO_SIZE:
-                    self._items.popitem(last=False)
+        if identity is None:
+            self._items.pop(key)
+        else:
+            self._items.put(key, (identity, now, version))
         return identity

@@ -6,9 +6,9 @@ answered once (WSGI middleware of every backend process; see docs/internals.md,
 request run (one yield): without it gevent keeps serving whichever connections answer
 fastest, and with 200 busy keep-alive clients a few were served hundreds of times while
 most waited seconds. In an idle process it does not yield: that would queue a health
-check behind whatever a thousand open streams are sending (healthz p99 30 -> 12 ms). Then a request
-without a body (a read: the job list, a job, a page) waits for one of ``slots`` places,
-handed to waiters strictly in arrival order: without that, new arrivals barge past
+check behind whatever a thousand open streams are sending (healthz p99 30 -> 12 ms).
+Then a request without a body (a read: the job list, a job, a page) waits for one of
+``slots`` places, handed to waiters strictly in arrival order: without that, new arrivals barge past
 requests already waiting for a database connection, and the unlucky ones waited seconds
 (p50 76 ms, max 2.2 s with 200 clients listing jobs). A place is held only while the
 view runs, never while a response streams out, and never by an upload (its body may
@@ -37,9 +37,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: The reads whose answers may be shared: the job list, one job, its state.
 #: Where a request finds its process's TakeTurns (see :func:`turn`).
 ENVIRON_KEY = "labq.turns"
+#: The reads whose answers may be shared: the job list, one job, its state.
 SHARED_PATHS = re.compile(r"/api/v1/jobs(/[A-Za-z0-9]+(/state)?)?")
 #: A larger answer is not kept to be shared (a page of 500 jobs is about 1 MB).
 MAX_SHARED_BYTES = 2 * 1024 * 1024
@@ -105,14 +105,11 @@ class TakeTurns:
             environ[ENVIRON_KEY] = self
             return self.app(environ, start_response)
         key = share_key(environ)
-        if self.free > 0 and not self.waiting:
-            self.free -= 1
-        else:
-            turn = self._wait(key)
-            if turn.answer is not None:
-                status, headers, body = turn.answer
-                start_response(status, headers)
-                return body
+        turn = self._take(key)
+        if turn is not None and turn.answer is not None:
+            status, headers, body = turn.answer
+            start_response(status, headers)
+            return body
         followers = self._followers(key)
         try:
             if not followers:
@@ -124,14 +121,19 @@ class TakeTurns:
     @contextlib.contextmanager
     def place(self) -> Iterator[None]:
         """Hold one of the places, in line with the reads, for a ``with`` block."""
-        if self.free > 0 and not self.waiting:
-            self.free -= 1
-        else:
-            self._wait(None)
+        self._take(None)
         try:
             yield
         finally:
             self._release()
+
+    def _take(self, key: Key | None) -> _Turn | None:
+        """A place, at once when one is free and nobody waits, else in line (then the
+        turn, which may carry an identical read's answer instead)."""
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+            return None
+        return self._wait(key)
 
     def _wait(self, key: Key | None) -> _Turn:
         turn = _Turn(self._event(), key)

@@ -42,10 +42,8 @@ import os
 import re
 import stat
 import tempfile
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,6 +61,7 @@ from labq.shared.blobstore import (
     open_blobstore,
 )
 from labq.shared.errors import ConfigError, LabqError, NotFoundError
+from labq.shared.lru import Lru
 from labq.shared.outcome import OutcomeRecord
 
 #: How many settled jobs' "has results" answers a process remembers (object stores).
@@ -98,8 +97,7 @@ class Storage:
         self.tmp = self.root / "tmp"
         #: Where bundles and results live (the volume unless LABQ_STORAGE says otherwise).
         self.blobs: BlobStore = blobs or VolumeBlobStore(self.root)
-        self._has_results: OrderedDict[str, bool] = OrderedDict()
-        self._memo_lock = threading.Lock()
+        self._has_results: Lru[str, bool] = Lru(RESULTS_MEMO)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Storage:
@@ -224,17 +222,11 @@ class Storage:
         ended, so the answer is final and, from an object store, remembered (job lists
         ask for every row)."""
         remember = settled and not self.on_volume
-        if remember:
-            with self._memo_lock:
-                known = self._has_results.get(job_id)
-            if known is not None:
-                return known
+        if remember and (known := self._has_results.get(job_id)) is not None:
+            return bool(known)
         found = self.blobs.has_any(self.results_prefix(job_id))
         if remember:
-            with self._memo_lock:
-                self._has_results[job_id] = found
-                while len(self._has_results) > RESULTS_MEMO:
-                    self._has_results.popitem(last=False)
+            self._has_results.put(job_id, found)
         return found
 
     def put_results(self, job_id: str, zip_path: Path, files: Path) -> list[str]:
@@ -260,8 +252,7 @@ class Storage:
         for key in stale - {prefix + p.relative_to(files).as_posix() for p in local}:
             self.blobs.delete(key)
         self.blobs.put(self.results_key(job_id), zip_path, move=True)
-        with self._memo_lock:
-            self._has_results.pop(job_id, None)
+        self._has_results.pop(job_id)
         return sorted(skipped)
 
     # -- per job --------------------------------------------------------------

@@ -13,18 +13,10 @@ from labq.backend import accounts, ratelimit
 from labq.backend.app import create_app
 from labq.backend.websecurity import allowed_hosts, host_allowed, secret_key, split_host
 from labq.shared import db
-from labq.shared.db import make_engine
 from labq.shared.errors import AccountError, TooManyRequestsError
 from labq.shared.settings import Settings
 
 NO_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"
-
-
-@pytest.fixture()
-def engine(tmp_path: Path):
-    engine = make_engine(Settings(data_dir=tmp_path))
-    yield engine
-    engine.dispose()
 
 
 def test_first_start_makes_one_admin_even_when_processes_race(engine, tmp_path: Path):

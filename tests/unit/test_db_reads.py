@@ -19,13 +19,6 @@ PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture()
-def sqlite_engine(tmp_path: Path):
-    engine = make_engine(Settings(data_dir=tmp_path))
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture()
 def pg_engine(tmp_path: Path):
     try:
         probe = sqlalchemy.create_engine(PG_URL)
@@ -41,28 +34,28 @@ def pg_engine(tmp_path: Path):
     engine.dispose()
 
 
-def test_reads_share_one_connection_within_a_block_and_give_it_back(sqlite_engine):
-    pool = sqlite_engine.pool
-    with db.sharing_reads(sqlite_engine):
-        with db.read(sqlite_engine) as first:
+def test_reads_share_one_connection_within_a_block_and_give_it_back(engine):
+    pool = engine.pool
+    with db.sharing_reads(engine):
+        with db.read(engine) as first:
             first.execute(text("SELECT 1"))
-        with db.read(sqlite_engine) as second:
+        with db.read(engine) as second:
             assert second is first  # the same connection, still open
         assert pool.checkedout() == 1
     assert pool.checkedout() == 0  # given back when the block ended
-    with db.read(sqlite_engine) as alone, db.read(sqlite_engine) as other:
+    with db.read(engine) as alone, db.read(engine) as other:
         assert alone is not other  # outside a block each read has its own
 
 
-def test_writes_never_use_the_shared_read_connection(sqlite_engine):
-    with db.sharing_reads(sqlite_engine):
-        with db.read(sqlite_engine) as reader:
+def test_writes_never_use_the_shared_read_connection(engine):
+    with db.sharing_reads(engine):
+        with db.read(engine) as reader:
             pass
-        with sqlite_engine.begin() as writer:
+        with engine.begin() as writer:
             assert writer is not reader
             writer.execute(text("CREATE TABLE t (x INTEGER)"))
             writer.execute(text("INSERT INTO t VALUES (1)"))
-        with db.read(sqlite_engine) as again:  # sees the committed write at once
+        with db.read(engine) as again:  # sees the committed write at once
             assert again.execute(text("SELECT x FROM t")).scalar() == 1
 
 

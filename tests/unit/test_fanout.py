@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
 from sqlalchemy import insert
 
 from labq.backend.feed import EventFeed, Owners
 from labq.backend.hub import INBOX_SIZE, Hub
 from labq.backend.logwatch import LogWatcher
 from labq.shared import db
-from labq.shared.settings import Settings
 from labq.shared.storage import Storage
 
 
@@ -65,13 +63,6 @@ def test_closing_every_stream_wakes_them_all_and_refuses_new_ones():
         assert woke == [[]] and sub.closed
     with hub.subscribe() as (late, _):
         assert late.closed
-
-
-@pytest.fixture()
-def engine(tmp_path):
-    engine = db.make_engine(Settings(data_dir=tmp_path))
-    yield engine
-    engine.dispose()
 
 
 def add_event(engine, job_id: str, event_id: int | None = None) -> None:

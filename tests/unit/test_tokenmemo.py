@@ -4,23 +4,12 @@ is remembered longer than MEMO_S."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from sqlalchemy import update
 
 from labq.backend import accounts, tokenmemo
 from labq.backend.tokenmemo import TokenMemo, note_change
 from labq.shared import db
-from labq.shared.db import make_engine
-from labq.shared.settings import Settings
-
-
-@pytest.fixture()
-def engine(tmp_path: Path):
-    engine = make_engine(Settings(data_dir=tmp_path))
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture()

@@ -13,7 +13,6 @@ from sqlalchemy import insert, update
 
 from labq.backend import waiting
 from labq.shared import db, jobstore
-from labq.shared.settings import Settings
 
 
 def heap_estimate(place: int, idle: int, running_s: list[float], typical: float,
@@ -38,13 +37,6 @@ def test_the_estimate_in_rounds_equals_handing_out_jobs_one_by_one():
         got = waiting.estimate_start(place, idle, running, typical, 1000.0)
         want = heap_estimate(place, idle, running, typical, 1000.0)
         assert got == pytest.approx(want) if want is not None else got is None
-
-
-@pytest.fixture()
-def engine(tmp_path):
-    engine = db.make_engine(Settings(data_dir=tmp_path))
-    yield engine
-    engine.dispose()
 
 
 def add_jobs(engine, n: int, **values) -> list[dict]:
